@@ -1,0 +1,3 @@
+from alexnet_mlflow.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""One tracked training: data -> device -> MLflow run -> loop -> results. Used by `train`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alexnet_mlflow import data, engine
+from alexnet_mlflow.config import TrainConfig
+from alexnet_mlflow.tracking import TrackedRun, check_tracking_uri
+
+
+@dataclass(frozen=True)
+class JobResult:
+    run_id: str
+    model_uri: str
+    result: engine.TrainResult
+
+
+def train_and_track(
+    config: TrainConfig,
+    experiment: str,
+    tracking_uri: str | None = None,
+    run_name: str | None = None,
+    progress: engine.Progress | None = None,
+) -> JobResult:
+    """Everything that can fail on bad input (server, device, data) is checked before the run starts."""
+    check_tracking_uri(tracking_uri)
+    device = engine.resolve_device(config.device)
+    images = data.load_dataset(config.dataset, config.data_dir, config.seed)
+    splits = data.split(images, config.val_fraction, config.seed)
+    with TrackedRun(config, experiment, tracking_uri, run_name) as run:
+        run.log_environment(engine.device_name(device), images)
+        result = engine.train(config, splits, device, on_epoch=run.log_epoch, progress=progress)
+        model_uri = run.log_result(result, images.classes)
+    return JobResult(run.run_id, model_uri, result)
+
+
+def dry_run(config: TrainConfig, tracking_uri: str | None = None) -> str:
+    """Check what train_and_track would check, then one training step on one batch; log nothing."""
+    import torch
+
+    from alexnet_mlflow.model import build_model, count_parameters
+
+    check_tracking_uri(tracking_uri)
+    device = engine.resolve_device(config.device)
+    images = data.load_dataset(config.dataset, config.data_dir, config.seed)
+    splits = data.split(images, config.val_fraction, config.seed)
+    model = build_model(config).to(device)
+    optimizer = engine.make_optimizer(config, model, device)
+    batch = splits.train[0][: config.batch_size].to(device)
+    labels = splits.train[1][: config.batch_size].to(device)
+    loss = torch.nn.functional.cross_entropy(model(batch), labels)
+    loss.backward()
+    optimizer.step()
+    return (f"{config.run_name()} on {engine.device_name(device)}: {len(splits.train[1])} train / "
+            f"{len(splits.val[1])} val / {len(splits.test[1])} test images from {images.source}, "
+            f"{count_parameters(model):,} parameters, first-batch loss {loss.item():.4f}")

@@ -1,0 +1,164 @@
+"""Shared fixtures: a real `mlflow server` on 127.0.0.1, and helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll predicate until it returns something truthy, or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server with its own sqlite store and proxied artifact store."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    try:
+        # ~10 s to create the schema and start; a cold machine can take longer.
+        wait_until(lambda: _healthy(url) or process.poll() is not None, 120, "mlflow server /health")
+        assert process.poll() is None, (root / "server.log").read_text()
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A clean working folder with no tracking settings inherited from the environment."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def cli_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env.update(overrides)
+    return env
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    exe = shutil.which("alexnet-mlflow")
+    command = [exe] if exe else [sys.executable, "-m", "alexnet_mlflow"]
+    return subprocess.run([*command, *args], cwd=cwd, env=cli_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def write_cifar_batches():
+    """Writes a small folder in torchvision's cifar-10-batches-py format: five training batches and
+    a test batch, each a pickled dict {"data": uint8 (n, 3072), "labels": [int], ...}, plus batches.meta."""
+    import pickle
+
+    import numpy as np
+
+    def write(folder: Path, per_batch: int = 20, seed: int = 0) -> Path:
+        rng = np.random.default_rng(seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = {
+                "batch_label": f"{name} of 6",
+                "labels": [int(x) for x in rng.integers(0, 10, per_batch)],
+                "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                "filenames": [f"{name}_{i}.png" for i in range(per_batch)],
+            }
+            with open(folder / name, "wb") as f:
+                pickle.dump(batch, f, protocol=2)
+        with open(folder / "batches.meta", "wb") as f:
+            pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                         "horse", "ship", "truck"], "num_cases_per_batch": per_batch,
+                         "num_vis": 3072}, f, protocol=2)
+        return folder
+
+    return write
+
+
+PER_EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second")
+FINAL_METRICS = ("best_val_loss", "best_val_acc", "best_epoch", "test_loss", "test_acc")
+
+
+def assert_complete_run(tracking_uri: str, run_id: str, epochs: int, params: dict[str, str]) -> None:
+    """A FINISHED run with every param, every per-epoch metric at steps 1..epochs, the final
+    metrics, tags, dataset input, figures, config, and a logged model that reproduces test_acc."""
+    import mlflow
+    import numpy as np
+
+    from alexnet_mlflow import data
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key, value in params.items():
+        assert run.data.params[key] == value, key
+    for name in PER_EPOCH_METRICS:
+        history = client.get_metric_history(run_id, name)
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1)), name
+    for name in FINAL_METRICS:
+        assert [m.step for m in client.get_metric_history(run_id, name)] == [epochs], name
+    tags = run.data.tags
+    assert tags["torch_version"] and tags["mlflow_version"] == mlflow.__version__
+    assert tags["device"] == "cpu" and tags["dataset"] == "synthetic"
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic"]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"curves.png", "confusion_matrix.png", "config.json"} <= artifacts
+    # The logged model takes raw uint8 images and carries the training's normalisation.
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)  # runs:/ URIs resolve against the global URI
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+    test = data.synthetic(int(run.data.params["seed"]))
+    scores = model.predict(test.test_images.numpy())
+    assert scores.shape == (len(test.test_labels), 10) and np.isfinite(scores).all()
+    accuracy = (scores.argmax(1) == test.test_labels.numpy()).mean()
+    assert accuracy == pytest.approx(run.data.metrics["test_acc"])

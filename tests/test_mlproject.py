@@ -1,0 +1,76 @@
+"""MLproject and conda.yaml against TrainConfig and setup.cfg, and a real `mlflow run`."""
+
+import configparser
+import shlex
+import subprocess
+import sys
+
+import yaml
+from mlflow import MlflowClient
+
+from alexnet_mlflow.config import fields, format_param
+from conftest import REPO, assert_complete_run, cli_env
+
+MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
+
+
+def entry_point(name="main"):
+    return MLPROJECT["entry_points"][name]
+
+
+def test_main_parameters_are_the_train_config_fields():
+    parameters = entry_point()["parameters"]
+    assert list(parameters) == [f.name for f in fields()]
+    for f in fields():
+        spec = parameters[f.name]
+        # MLproject types are string, float, path, uri: numbers are float, the rest strings.
+        assert spec["type"] == ("float" if f.type in ("int", "float") else "string"), f.name
+        # `mlflow run` logs str(default): the same string that TrainConfig.as_params logs.
+        assert str(spec["default"]) == format_param(f.default), f.name
+
+
+def test_command_passes_every_parameter_to_its_option():
+    command = entry_point()["command"]
+    for f in fields():
+        option = "--" + f.name.replace("_", "-")
+        form = f"{option}={{{f.name}}}" if f.type == "bool" else f"{option} {{{f.name}}}"
+        assert command.count(f"{{{f.name}}}") == 1 and form in command, f.name
+
+
+def test_command_with_the_defaults_is_accepted_by_the_cli(workdir):
+    """Fill the command as `mlflow run` does (shell-quoted values) and dry-run it."""
+    values = {name: shlex.quote(str(spec["default"])) for name, spec in entry_point()["parameters"].items()}
+    values["dataset"] = "synthetic"
+    command = entry_point()["command"].format(**values) + " --dry-run"
+    result = subprocess.run(["bash", "-c", command], cwd=workdir, env=cli_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "dry run ok: relu-lr1e-4-bs64-do0.8" in result.stdout
+
+
+def test_conda_env_lists_the_setup_cfg_dependencies():
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    required = [line.strip() for line in setup["options"]["install_requires"].splitlines() if line.strip()]
+    conda = yaml.safe_load((REPO / MLPROJECT["conda_env"]).read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert [p for p in pip if p != "-e ."] == required
+    assert "python=3.11" in conda["dependencies"]
+
+
+def test_mlflow_run_end_to_end_against_a_server(workdir, mlflow_server):
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name", "project",
+         "-P", "dataset=synthetic", "-P", "epochs=1", "-P", "activation=relu", "-P", "dropout=0.8",
+         "-P", "batch_norm=true"],
+        cwd=workdir, env=cli_env(MLFLOW_TRACKING_URI=mlflow_server), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("project").experiment_id])
+    assert len(runs) == 1  # the project's own run, not a second one
+    run = runs[0]
+    assert run.info.run_name == "relu-lr1e-4-bs64-do0.8"
+    assert run.data.tags["mlflow.source.type"] == "PROJECT"
+    assert_complete_run(mlflow_server, run.info.run_id, epochs=1, params={
+        "epochs": "1", "dataset": "synthetic", "batch_norm": "true", "lr": "0.0001", "dropout": "0.8"})
+    assert set(run.data.params) == {f.name for f in fields()}

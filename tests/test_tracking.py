@@ -1,0 +1,100 @@
+import signal
+import subprocess
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from alexnet_mlflow.config import TrainConfig
+from alexnet_mlflow.errors import TrackingError
+from alexnet_mlflow.tracking import TrackedRun, check_tracking_uri, redact_uri
+from conftest import assert_complete_run, cli_env, free_port, run_cli, wait_until
+
+SYNTHETIC_2 = {"dataset": "synthetic", "epochs": "2", "activation": "relu", "lr": "0.0001", "batch_size": "64",
+               "dropout": "0.8", "batch_norm": "false", "hflip": "true", "data_dir": "auto", "seed": "0"}
+
+
+def only_run(client, experiment: str):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_train_logs_a_complete_run_to_the_default_sqlite_store(workdir):
+    result = run_cli("train", "--dataset", "synthetic", "--epochs", "2", "--quiet", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert (workdir / "mlflow.db").exists()  # MLflow's embedded default, no server
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    run = only_run(MlflowClient(uri), "alexnet-cifar10")
+    assert run.info.run_name == "relu-lr1e-4-bs64-do0.8"
+    assert run.info.run_id in result.stdout
+    assert_complete_run(uri, run.info.run_id, epochs=2, params=SYNTHETIC_2)
+    assert set(run.data.params) == set(TrainConfig().as_params())
+
+
+def test_train_logs_to_a_tracking_server_with_the_experiment_from_the_environment(workdir, mlflow_server):
+    result = run_cli("train", "--dataset", "synthetic", "--epochs", "1", "--batch-norm", "--activation",
+                     "leaky_relu", "--quiet", cwd=workdir,
+                     MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_EXPERIMENT_NAME="from-env")
+    assert result.returncode == 0, result.stderr
+    assert not (workdir / "mlflow.db").exists()
+    run = only_run(MlflowClient(mlflow_server), "from-env")
+    assert run.info.run_name == "leaky_relu-lr1e-4-bs64-do0.8"
+    assert_complete_run(mlflow_server, run.info.run_id, epochs=1,
+                        params={"batch_norm": "true", "activation": "leaky_relu", "epochs": "1"})
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_an_exception_or_interrupt_ends_the_run(workdir, error, status):
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    with pytest.raises(error):
+        with TrackedRun(TrainConfig(dataset="synthetic"), "statuses", uri) as run:
+            mlflow.log_metric("train_loss", 1.0, step=1)
+            raise error()
+    finished = MlflowClient(uri).get_run(run.run_id)
+    assert finished.info.status == status
+    assert finished.data.metrics["train_loss"] == 1.0  # what was logged stays
+
+
+def test_ctrl_c_during_training_marks_the_run_killed(workdir):
+    """A real SIGINT to a real training process, once its first epoch is logged."""
+    process = subprocess.Popen(
+        ["alexnet-mlflow", "train", "--dataset", "synthetic", "--epochs", "50", "--quiet"],
+        cwd=workdir, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+
+        def first_epoch_logged():
+            try:
+                experiment = client.get_experiment_by_name("alexnet-cifar10")
+                runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            except Exception:  # the store is being created
+                return None
+            return runs and "val_loss" in runs[0].data.metrics and runs[0]
+
+        run = wait_until(first_epoch_logged, 120, "the first epoch's metrics")
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")][0] == 1
+
+
+def test_unreachable_server_fails_fast_with_the_fix():
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match=f"tracking server {uri} does not answer.*mlflow server"):
+        check_tracking_uri(uri)
+
+
+def test_local_stores_need_no_server():
+    check_tracking_uri(None)
+    check_tracking_uri("sqlite:///mlflow.db")
+
+
+def test_passwords_are_redacted():
+    assert redact_uri("http://alice:s3cret@host:5000/x") == "http://alice:***@host:5000/x"
+    assert redact_uri("http://host:5000") == "http://host:5000"
