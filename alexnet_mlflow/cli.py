@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from alexnet_mlflow import compare as compare_defaults  # imports no torch and no mlflow
 from alexnet_mlflow import config as config_module
 from alexnet_mlflow.config import TrainConfig
 from alexnet_mlflow.errors import ConfigError, UserError
@@ -133,20 +134,112 @@ def train(
     )
 
 
+def _split(items: list[str] | None) -> tuple[str, ...]:
+    """Repeatable options also take comma-separated values: MLproject passes one string."""
+    return tuple(part.strip() for item in items or () for part in item.split(",") if part.strip())
+
+
+@app.command()
+def compare(
+    metric: Annotated[str, typer.Option(help="Metric to rank by.")] = "val_loss",
+    agg: Annotated[str, typer.Option(
+        help="Value that stands for a run: last, or min / max over its history.")] = "last",
+    asc: Annotated[bool, typer.Option("--asc", help="Lowest first (default for losses and errors).")] = False,
+    desc: Annotated[bool, typer.Option("--desc", help="Highest first (default for accuracies).")] = False,
+    experiment: Annotated[list[str], typer.Option(
+        envvar="MLFLOW_EXPERIMENT_NAME", help="Experiment(s) to read; repeat or separate with commas.",
+    )] = [DEFAULT_EXPERIMENT],  # noqa: B006 (typer copies it)
+    filter: Annotated[str, typer.Option(help="MLflow search filter, e.g. \"params.lr = '0.0001'\".")] = "",
+    where: Annotated[Optional[list[str]], typer.Option(
+        help="PARAM=VALUE that must hold; repeat or separate with commas.")] = None,
+    status: Annotated[str, typer.Option(help="Run status to show; ALL for every status.")] = "FINISHED",
+    all_statuses: Annotated[bool, typer.Option("--all", help="Every status (same as --status ALL).")] = False,
+    parent: Annotated[str, typer.Option(help="Only the children of this run id (a sweep).")] = "",
+    top: Annotated[int, typer.Option(help="Show the best N runs (0 = all).")] = 0,
+    params: Annotated[str, typer.Option(help="Param columns, comma-separated.")] = ",".join(compare_defaults.KEY_PARAMS),
+    metrics: Annotated[str, typer.Option(
+        show_default="the headline metrics", help="Other metric columns, comma-separated.")] = "",
+    epochs: Annotated[str, typer.Option(
+        help="Epoch table instead: one row per epoch (e.g. 1,5,10,15,20,30,40,50), one column per run.")] = "",
+    group_by: Annotated[Optional[list[str]], typer.Option(
+        help="Group table instead: mean ± std over runs sharing these params (e.g. seeds).")] = None,
+    format: Annotated[str, typer.Option(help="table, csv, markdown or json.")] = "table",
+    output: Annotated[str, typer.Option(help="Write to this file instead of standard output.")] = "",
+    plot: Annotated[str, typer.Option(help="Also draw the metric's per-epoch curves of the top runs to this PNG.")] = "",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Rank runs by a metric, from the tracking server: which configuration is best, and by how much."""
+    from alexnet_mlflow import compare as comparing
+    from alexnet_mlflow import render
+
+    if asc and desc:
+        raise ConfigError("--asc and --desc contradict each other: pass one of them")
+    if format not in render.FORMATS:
+        raise ConfigError(f"format {format!r} is not one of {', '.join(render.FORMATS)}")
+    status_filter = None if all_statuses or status.upper() == "ALL" else status.upper()
+    query = comparing.CompareQuery(
+        metric=metric, agg=agg, descending=True if desc else False if asc else None,
+        experiments=_split(experiment), filter=filter, where=_split(where),
+        status=status_filter, parent=parent or None, top=top or None, params=_split([params]),
+        metrics=_split([metrics]) or None, epochs=_parse_epochs(epochs), group_by=_split(group_by),
+    )
+    table, ranked = comparing.compare(query, tracking_uri)
+    if plot:
+        from alexnet_mlflow.plots import metric_curves_figure
+
+        metric_curves_figure(comparing.curves(query, ranked, tracking_uri), query.metric).savefig(plot, dpi=120)
+    _emit(table, format, output)
+
+
+def _parse_epochs(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _split([text]))
+    except ValueError:
+        raise ConfigError(f"epochs {text!r} is invalid: expected comma-separated integers, e.g. 1,5,10") from None
+
+
+def _emit(table, fmt: str, output: str) -> None:
+    from alexnet_mlflow import render
+
+    if fmt == "table":
+        if output:
+            with open(output, "w") as f:
+                render.print_rich(table, f)
+        else:
+            render.print_rich(table)
+        return
+    text = render.render_text(table, fmt)
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+
+
 def _bool_values_as_flags(argv: list[str]) -> list[str]:
-    """`--batch-norm=true|false` -> `--batch-norm` / `--no-batch-norm`.
+    """`--batch-norm=true|false` -> `--batch-norm` / `--no-batch-norm`, for every flag of the command.
 
     MLproject can only pass values, and typer's booleans are flags; this lets MLproject's
     `--batch-norm={batch_norm}` reach the same option a person types.
     """
-    flags = {f"--{f.name.replace('_', '-')}": f.name for f in config_module.fields() if f.type in (bool, "bool")}
-    out = []
-    for arg in argv:
-        option, _, value = arg.partition("=")
-        if option in flags and value:
+    command = typer.main.get_command(app)
+    sub = command.commands.get(argv[0]) if argv and hasattr(command, "commands") else None
+    if sub is None:
+        return argv
+    flags = {p.opts[0]: p for p in sub.params if getattr(p, "is_flag", False) and p.opts and p.opts[0].startswith("--")}
+    out = [argv[0]]
+    for arg in argv[1:]:
+        option, sep, value = arg.partition("=")
+        if option in flags and sep:
+            name = flags[option].name
             if value.lower() not in ("true", "false"):
-                raise ConfigError(f"{flags[option]}={value!r} is invalid: expected true or false")
-            arg = option if value.lower() == "true" else f"--no-{option[2:]}"
+                raise ConfigError(f"{name}={value!r} is invalid: expected true or false")
+            if value.lower() == "true":
+                arg = option
+            elif flags[option].secondary_opts:
+                arg = flags[option].secondary_opts[0]
+            else:
+                continue  # a flag without an off form is off when absent
         out.append(arg)
     return out
 

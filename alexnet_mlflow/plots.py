@@ -14,6 +14,13 @@ def _pyplot():
     return plt
 
 
+def _integer_epochs(*axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def curves_figure(history: Sequence, title: str):
     """Loss and accuracy, train and validation, against the epoch."""
     plt = _pyplot()
@@ -28,6 +35,7 @@ def curves_figure(history: Sequence, title: str):
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
+    _integer_epochs(loss_ax, acc_ax)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -48,5 +56,19 @@ def confusion_figure(confusion, classes: Sequence[str], title: str):
             ax.text(j, i, count, ha="center", va="center", fontsize=7,
                     color="white" if count > peak / 2 else "black")
     fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def metric_curves_figure(curves: dict, metric: str):
+    """One line per run: the metric against the epoch, labelled with the run's name."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for label, points in curves.items():
+        ax.plot([step for step, _ in points], [value for _, value in points], marker=".", label=label)
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+    _integer_epochs(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

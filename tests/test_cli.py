@@ -32,11 +32,14 @@ def test_python_dash_m_works():
 
 
 def test_bool_values_become_flags_for_mlproject():
-    assert _bool_values_as_flags(["--batch-norm=true", "--hflip=false", "--lr=1"]) == \
-        ["--batch-norm", "--no-hflip", "--lr=1"]
-    assert _bool_values_as_flags(["--batch-norm=TRUE"]) == ["--batch-norm"]
+    assert _bool_values_as_flags(["train", "--batch-norm=true", "--hflip=false", "--lr=1"]) == \
+        ["train", "--batch-norm", "--no-hflip", "--lr=1"]
+    assert _bool_values_as_flags(["train", "--batch-norm=TRUE"]) == ["train", "--batch-norm"]
+    # flags without an off form are dropped when false
+    assert _bool_values_as_flags(["compare", "--all=false", "--asc=true", "--desc=false"]) == ["compare", "--asc"]
+    assert _bool_values_as_flags(["--help"]) == ["--help"]
     with pytest.raises(ConfigError, match="batch_norm='maybe' is invalid: expected true or false"):
-        _bool_values_as_flags(["--batch-norm=maybe"])
+        _bool_values_as_flags(["train", "--batch-norm=maybe"])
 
 
 def test_integers_accept_integral_floats_from_mlproject(workdir):

@@ -74,3 +74,47 @@ def test_mlflow_run_end_to_end_against_a_server(workdir, mlflow_server):
     assert_complete_run(mlflow_server, run.info.run_id, epochs=1, params={
         "epochs": "1", "dataset": "synthetic", "batch_norm": "true", "lr": "0.0001", "dropout": "0.8"})
     assert set(run.data.params) == {f.name for f in fields()}
+
+
+def cli_options(command_name: str) -> dict[str, object]:
+    """The command's options as MLproject would name them: --group-by -> group_by, with defaults."""
+    import typer
+
+    from alexnet_mlflow.cli import app
+
+    command = typer.main.get_command(app).commands[command_name]
+    return {p.opts[0][2:].replace("-", "_"): p.default for p in command.params
+            if p.opts[0].startswith("--") and p.name not in ("help", "tracking_uri")}
+
+
+def test_compare_parameters_are_the_compare_options():
+    parameters = entry_point("compare")["parameters"]
+    options = cli_options("compare")
+    assert list(parameters) == list(options)
+    for name, default in options.items():
+        expected = "" if default is None else ",".join(default) if isinstance(default, (list, tuple)) \
+            else format_param(default)
+        assert str(parameters[name]["default"]) == expected, name
+        form = f"--{name.replace('_', '-')}" + ("=" if isinstance(default, bool) else " ") + f"{{{name}}}"
+        assert form in entry_point("compare")["command"], name
+
+
+def test_mlflow_run_compare_entry_point(workdir, mlflow_server):
+    """Two finished runs in an experiment; `mlflow run -e compare` ranks them into a JSON file."""
+    client = MlflowClient(mlflow_server)
+    experiment_id = client.create_experiment("project-compare")
+    for name, loss in (("worse", 0.9), ("better", 0.3)):
+        run = client.create_run(experiment_id, run_name=name)
+        client.log_metric(run.info.run_id, "val_loss", loss, step=1)
+        client.set_terminated(run.info.run_id)
+    out = workdir / "ranking.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "compare", "--env-manager", "local",
+         "--experiment-name", "project-compare", "-P", "experiment=project-compare", "-P", "format=json",
+         "-P", f"output={out}", "-P", "where=", "-P", "top=2"],
+        cwd=workdir, env=cli_env(MLFLOW_TRACKING_URI=mlflow_server), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    assert [row["run"] for row in json.loads(out.read_text())] == ["better", "worse"]
