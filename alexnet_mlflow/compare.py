@@ -168,12 +168,12 @@ def ranking_table(query: CompareQuery, ranked: Sequence[Ranked], now_ms: int | N
     ranked = ranked[: query.top] if query.top else ranked
     metrics = [m for m in (query.metrics or HEADLINE_METRICS) if m != query.metric or query.agg != "last"]
     several = len(query.experiments) > 1
-    columns = ("rank", "run", "run_id", *(("experiment",) if several else ()), "status",
+    columns = ("rank", "run", "run_id", *(("experiment",) if several else ()), "status", "dataset",
                *query.params, query.metric_column, *metrics, "duration_s")
     now_ms = now_ms or int(time.time() * 1000)
     rows = tuple(
         (r.rank, r.run.name, r.run.run_id, *((r.run.experiment,) if several else ()), r.run.status,
-         *(r.run.params.get(p) for p in query.params), r.value, *(r.run.metrics.get(m) for m in metrics),
+         r.run.tags.get("dataset"), *(r.run.params.get(p) for p in query.params), r.value, *(r.run.metrics.get(m) for m in metrics),
          round(((r.run.end_time or now_ms) - r.run.start_time) / 1000, 1))
         for r in ranked
     )

@@ -44,6 +44,7 @@ class TrainConfig:
     # data
     dataset: str = _param("cifar10", "cifar10, or synthetic: a small learnable stand-in for smoke runs.", DATASETS)
     data_dir: str = _param("auto", "Folder holding cifar-10-batches-py; auto = a per-user cache folder.")
+    skip_bad_images: bool = _param(False, "Skip unreadable image files (and log how many) instead of stopping.")
     val_fraction: float = _param(0.1, "Share of training images held out for validation (0.1 = 5,000 of 50,000).")
     crop_padding: int = _param(4, "Random-crop padding in pixels (0 turns random crops off).")
     hflip: bool = _param(True, "Random horizontal flips.")

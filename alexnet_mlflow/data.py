@@ -7,12 +7,8 @@ uint8 batch with tensor indexing costs ~0.5 s an epoch and runs on the GPU when 
 
 from __future__ import annotations
 
-import os
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from alexnet_mlflow.errors import DataError
@@ -20,29 +16,28 @@ from alexnet_mlflow.errors import DataError
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
-# torchvision.datasets.CIFAR10's source and checksum (the python version of the dataset).
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-BATCHES_FOLDER = "cifar-10-batches-py"
-TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_BATCH = "test_batch"
-
 # Small enough for a CPU smoke run of the full AlexNet in seconds an epoch.
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 1000, 200
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """A dataset's splits as uint8 (N, 3, 32, 32) images and int64 labels, on the CPU."""
+    """A dataset's splits as uint8 (N, 3, 32, 32) images and int64 labels, on the CPU.
+    The test split is empty when the source has none."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: tuple[str, ...]
-    name: str  # e.g. "cifar10" or "synthetic"
-    source: str  # where the images came from: a folder, or a description
+    layout: str  # "cifar-10-batches-py", "cifar-10-python.tar.gz", "image-folder" or "synthetic"
+    source: str  # the folder or file decoded, or how the images were made
+    digest: str  # sha256 of images and labels, first 16 hex digits: tells datasets apart
+    skipped: int = 0  # unreadable images skipped with --skip-bad-images
+
+    @property
+    def has_test(self) -> bool:
+        return len(self.test_labels) > 0
 
 
 @dataclass(frozen=True)
@@ -59,85 +54,21 @@ class Splits:
         return Splits(move(self.train), move(self.val), move(self.test), self.classes)
 
 
-def default_data_dir() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "alexnet-mlflow"
-
-
-def resolve_data_dir(data_dir: str) -> Path:
-    return default_data_dir() if data_dir == "auto" else Path(data_dir).expanduser()
-
-
-def load_dataset(dataset: str, data_dir: str, seed: int) -> ImageSet:
+def load_dataset(dataset: str, data_dir: str, seed: int, skip_bad_images: bool = False) -> ImageSet:
     if dataset == "synthetic":
         return synthetic(seed)
-    return load_cifar10(resolve_data_dir(data_dir))
+    from alexnet_mlflow import layouts
+
+    return layouts.load(layouts.resolve_data_dir(data_dir), skip_bad_images)
 
 
-def load_cifar10(root: Path) -> ImageSet:
-    """CIFAR-10 from root/cifar-10-batches-py, downloading it first if root is missing or empty."""
-    folder = root / BATCHES_FOLDER
-    if not folder.is_dir():
-        if root.exists() and not root.is_dir():
-            raise DataError(f"data_dir {root} is a file: pass a folder to --data-dir")
-        if root.is_dir() and any(p.name != CIFAR10_ARCHIVE for p in root.iterdir()):
-            raise DataError(
-                f"data_dir {root} holds no CIFAR-10: expected {folder}/ (torchvision's layout) "
-                f"or {root / CIFAR10_ARCHIVE}; pass an empty or new folder to download it there"
-            )
-        download_cifar10(root)
-    return read_batches(folder)
+def digest(*tensors: torch.Tensor) -> str:
+    import hashlib
 
-
-def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:
-    """Download and extract the archive with torchvision's checksum-verified downloader.
-
-    An archive already in root with the right checksum is extracted without downloading.
-    """
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    try:
-        download_and_extract_archive(url, str(root), filename=CIFAR10_ARCHIVE, md5=md5)
-    except Exception as e:  # urllib, socket and checksum errors all mean the same to a user
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(
-            f"could not download CIFAR-10 from {url} ({reason}); put the extracted "
-            f"{BATCHES_FOLDER}/ folder or {CIFAR10_ARCHIVE} in {root}, or pass --data-dir"
-        ) from None
-    return root / BATCHES_FOLDER
-
-
-def read_batches(folder: Path) -> ImageSet:
-    """Decode torchvision's cifar-10-batches-py folder (pickled dicts of 3072-byte rows)."""
-    missing = [n for n in (*TRAIN_BATCHES, TEST_BATCH) if not (folder / n).is_file()]
-    if missing:
-        raise DataError(f"{folder} is incomplete: missing {', '.join(missing)}; download CIFAR-10 again")
-    train = [_read_batch(folder / n) for n in TRAIN_BATCHES]
-    test_images, test_labels = _read_batch(folder / TEST_BATCH)
-    return ImageSet(
-        train_images=torch.cat([images for images, _ in train]),
-        train_labels=torch.cat([labels for _, labels in train]),
-        test_images=test_images,
-        test_labels=test_labels,
-        classes=CIFAR10_CLASSES,
-        name="cifar10",
-        source=str(folder),
-    )
-
-
-def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        with open(path, "rb") as f:
-            # Python 2 pickles: latin1 maps their byte strings to str keys, as torchvision does.
-            batch = pickle.load(f, encoding="latin1")
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        labels = np.asarray(batch["labels"], dtype=np.int64)
-        images = data.reshape(-1, 3, 32, 32)
-    except Exception as e:
-        raise DataError(f"{path} is not a CIFAR-10 batch ({type(e).__name__}: {e}); download CIFAR-10 again") from None
-    if len(images) != len(labels) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
-        raise DataError(f"{path} is not a CIFAR-10 batch (labels do not match images); download CIFAR-10 again")
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels)
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def synthetic(seed: int, n_train: int = SYNTHETIC_TRAIN, n_test: int = SYNTHETIC_TEST) -> ImageSet:
@@ -158,8 +89,9 @@ def synthetic(seed: int, n_train: int = SYNTHETIC_TRAIN, n_test: int = SYNTHETIC
 
     train_images, train_labels = make(n_train)
     test_images, test_labels = make(n_test)
-    return ImageSet(train_images, train_labels, test_images, test_labels,
-                    CIFAR10_CLASSES, name="synthetic", source=f"synthetic(seed={seed})")
+    return ImageSet(train_images, train_labels, test_images, test_labels, CIFAR10_CLASSES, layout="synthetic",
+                    source=f"synthetic(seed={seed})",
+                    digest=digest(train_images, train_labels, test_images, test_labels))
 
 
 def split(images: ImageSet, val_fraction: float, seed: int) -> Splits:

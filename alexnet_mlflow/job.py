@@ -26,10 +26,10 @@ def train_and_track(
     """Everything that can fail on bad input (server, device, data) is checked before the run starts."""
     check_tracking_uri(tracking_uri)
     device = engine.resolve_device(config.device)
-    images = data.load_dataset(config.dataset, config.data_dir, config.seed)
+    images = data.load_dataset(config.dataset, config.data_dir, config.seed, config.skip_bad_images)
     splits = data.split(images, config.val_fraction, config.seed)
     with TrackedRun(config, experiment, tracking_uri, run_name) as run:
-        run.log_environment(engine.device_name(device), images)
+        run.log_environment(engine.device_name(device), config.dataset, images)
         result = engine.train(config, splits, device, on_epoch=run.log_epoch, progress=progress)
         model_uri = run.log_result(result, images.classes)
     return JobResult(run.run_id, model_uri, result)
@@ -43,7 +43,7 @@ def dry_run(config: TrainConfig, tracking_uri: str | None = None) -> str:
 
     check_tracking_uri(tracking_uri)
     device = engine.resolve_device(config.device)
-    images = data.load_dataset(config.dataset, config.data_dir, config.seed)
+    images = data.load_dataset(config.dataset, config.data_dir, config.seed, config.skip_bad_images)
     splits = data.split(images, config.val_fraction, config.seed)
     model = build_model(config).to(device)
     optimizer = engine.make_optimizer(config, model, device)
@@ -53,5 +53,5 @@ def dry_run(config: TrainConfig, tracking_uri: str | None = None) -> str:
     loss.backward()
     optimizer.step()
     return (f"{config.run_name()} on {engine.device_name(device)}: {len(splits.train[1])} train / "
-            f"{len(splits.val[1])} val / {len(splits.test[1])} test images from {images.source}, "
+            f"{len(splits.val[1])} val / {len(splits.test[1])} test images, {images.layout} at {images.source}, "
             f"{count_parameters(model):,} parameters, first-batch loss {loss.item():.4f}")

@@ -90,26 +90,34 @@ class TrackedRun:
             status = "FAILED"
         mlflow.end_run(status)
 
-    def log_environment(self, device_name: str, dataset) -> None:
-        """Versions, device and the dataset (as an MLflow dataset input, with a digest)."""
+    def log_environment(self, device_name: str, dataset_name: str, images) -> None:
+        """Versions, device and the dataset: which data, in which layout, with a digest of its
+        contents, as a tag (shown by compare) and as an MLflow dataset input (shown by the UI)."""
         import mlflow
         import torch
 
-        mlflow.set_tags({
+        tags = {
             "torch_version": torch.__version__,
             "mlflow_version": mlflow.__version__,
             "python_version": platform.python_version(),
             "device": device_name,
-            "dataset": dataset.name,
-            "dataset_source": dataset.source,
-        })
+            "dataset": f"{dataset_name}/{images.layout}@{images.digest[:8]}",
+            "dataset_layout": images.layout,
+            "dataset_source": images.source,
+            "dataset_digest": images.digest,
+        }
+        if images.skipped:
+            tags["skipped_images"] = str(images.skipped)
+        if not images.has_test:
+            tags["test_split"] = "none: the data has no test split, so test metrics are not logged"
+        mlflow.set_tags(tags)
         with warnings.catch_warnings():
             # A plain path or description matches two of MLflow's source types equally well;
             # it says so in a UserWarning and picks a local source, which is what we want.
             warnings.simplefilter("ignore", UserWarning)
             data = mlflow.data.from_numpy(
-                dataset.train_images.numpy(), targets=dataset.train_labels.numpy(),
-                name=dataset.name, source=dataset.source,
+                images.train_images.numpy(), targets=images.train_labels.numpy(),
+                name=f"{dataset_name}-{images.layout}", source=images.source, digest=images.digest,
             )
         mlflow.log_input(data, context="training")
 
@@ -128,16 +136,15 @@ class TrackedRun:
         from alexnet_mlflow import plots
 
         step = result.history[-1].epoch
-        mlflow.log_metrics({
-            "best_val_loss": result.best.val_loss,
-            "best_val_acc": result.best.val_acc,
-            "best_epoch": result.best.epoch,
-            "test_loss": result.test_loss,
-            "test_acc": result.test_acc,
-        }, step=step)
+        final = {"best_val_loss": result.best.val_loss, "best_val_acc": result.best.val_acc,
+                 "best_epoch": result.best.epoch}
+        if result.test_acc is not None:
+            final |= {"test_loss": result.test_loss, "test_acc": result.test_acc}
+        mlflow.log_metrics(final, step=step)
         mlflow.log_figure(plots.curves_figure(result.history, self.run_name), "curves.png")
-        mlflow.log_figure(plots.confusion_figure(result.confusion, classes, f"test split, {self.run_name}"),
-                          "confusion_matrix.png")
+        if result.confusion is not None:
+            mlflow.log_figure(plots.confusion_figure(result.confusion, classes, f"test split, {self.run_name}"),
+                              "confusion_matrix.png")
         self._log_model(result.model)
         return f"runs:/{self.run_id}/model"
 
@@ -186,7 +193,12 @@ class RunRecord:
     end_time: int | None
     params: dict[str, str]
     metrics: dict[str, float]  # the last value of each metric
-    entry_point: str | None  # the MLproject entry point that made it, if any
+    tags: dict[str, str]
+
+    @property
+    def entry_point(self) -> str | None:
+        """The MLproject entry point that made the run, if any."""
+        return self.tags.get("mlflow.project.entryPoint")
 
 
 def find_runs(tracking_uri: str | None, experiments: list[str], filter_string: str = "") -> list[RunRecord]:
@@ -251,8 +263,7 @@ class _ClientReader:
         records = [RunRecord(
             run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8], experiment=run.info.experiment_id,
             status=run.info.status, start_time=run.info.start_time, end_time=run.info.end_time,
-            params=dict(run.data.params), metrics=dict(run.data.metrics),
-            entry_point=run.data.tags.get("mlflow.project.entryPoint"),
+            params=dict(run.data.params), metrics=dict(run.data.metrics), tags=dict(run.data.tags),
         ) for run in page]
         return records, page.token
 
@@ -328,14 +339,13 @@ class _RestReader:
     @staticmethod
     def _record(run: dict) -> RunRecord:
         info, data = run["info"], run.get("data", {})
-        tags = {t["key"]: t.get("value") for t in data.get("tags", [])}
         return RunRecord(
             run_id=info["run_id"], name=info.get("run_name") or info["run_id"][:8], experiment=info["experiment_id"],
             status=info["status"], start_time=int(info.get("start_time", 0)),
             end_time=int(info["end_time"]) if info.get("end_time") else None,
             params={p["key"]: p.get("value", "") for p in data.get("params", [])},
             metrics={m["key"]: float(m["value"]) for m in data.get("metrics", [])},
-            entry_point=tags.get("mlflow.project.entryPoint"),
+            tags={t["key"]: t.get("value", "") for t in data.get("tags", [])},
         )
 
     def histories(self, run_ids: list[str], metric: str) -> dict[str, list[tuple[int, float]]]:

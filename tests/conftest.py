@@ -146,8 +146,10 @@ def assert_complete_run(tracking_uri: str, run_id: str, epochs: int, params: dic
         assert [m.step for m in client.get_metric_history(run_id, name)] == [epochs], name
     tags = run.data.tags
     assert tags["torch_version"] and tags["mlflow_version"] == mlflow.__version__
-    assert tags["device"] == "cpu" and tags["dataset"] == "synthetic"
-    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic"]
+    assert tags["device"] == "cpu" and tags["dataset"].startswith("synthetic/synthetic@")
+    assert tags["dataset_digest"].startswith(tags["dataset"].split("@")[1])
+    assert [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs] == \
+        [("synthetic-synthetic", tags["dataset_digest"])]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"curves.png", "confusion_matrix.png", "config.json"} <= artifacts
     # The logged model takes raw uint8 images and carries the training's normalisation.
@@ -162,3 +164,34 @@ def assert_complete_run(tracking_uri: str, run_id: str, epochs: int, params: dic
     assert scores.shape == (len(test.test_labels), 10) and np.isfinite(scores).all()
     accuracy = (scores.argmax(1) == test.test_labels.numpy()).mean()
     assert accuracy == pytest.approx(run.data.metrics["test_acc"])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Decode caches and downloads go to a temporary per-user cache, not the real ~/.cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture
+def write_image_folder():
+    """Writes train/<class>/*.png|jpg (and test/ when asked) with 32x32 RGB images."""
+    import numpy as np
+    from PIL import Image
+
+    def write(root: Path, classes, per_class: int = 3, test: bool = True, suffix: str = ".png", seed: int = 0):
+        rng = np.random.default_rng(seed)
+        for split in ("train", "test") if test else ("train",):
+            for name in classes:
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                for i in range(per_class):
+                    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(root / split / name / f"{i:04d}{suffix}")
+        return root
+
+    return write

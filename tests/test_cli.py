@@ -98,3 +98,36 @@ def assert_one_line_error(result: subprocess.CompletedProcess, words: list[str])
     assert lines[0].startswith("alexnet-mlflow: error: ")
     for word in words:
         assert word in lines[0]
+
+
+def test_train_on_an_image_folder_without_test_split(workdir, write_image_folder):
+    write_image_folder(workdir / "images", ["cat", "dog"], per_class=6, test=False)
+    bad = workdir / "images" / "train" / "cat" / "broken.png"
+    bad.write_bytes(b"\x89PNG broken")
+    result = run_cli("train", "--data-dir", str(workdir / "images"), "--epochs", "1", "--batch-size", "4",
+                     "--val-fraction", "0.25", "--quiet", cwd=workdir)
+    assert_one_line_error(result, [str(bad), "not a readable image", "--skip-bad-images"])
+    result = run_cli("train", "--data-dir", str(workdir / "images"), "--epochs", "1", "--batch-size", "4",
+                     "--val-fraction", "0.25", "--skip-bad-images", "--quiet", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "no test split: test metrics not logged" in result.stdout
+
+
+@pytest.mark.parametrize("layout", ["cifar-10-batches-py", "cifar-10-python.tar.gz", "image-folder"])
+def test_every_layout_trains_from_data_dir(workdir, layout, write_cifar_batches, write_image_folder):
+    import tarfile
+
+    root = workdir / "data"
+    if layout == "image-folder":
+        write_image_folder(root, ["cat", "dog", "ship"], per_class=10)
+    else:
+        batches = write_cifar_batches(workdir / "src" / "cifar-10-batches-py", per_batch=10)
+        if layout == "cifar-10-batches-py":
+            root = batches.parent
+        else:
+            root.mkdir()
+            with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+                tar.add(batches, arcname="cifar-10-batches-py")
+    result = runner.invoke(app, ["train", "--data-dir", str(root), "--batch-size", "8", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"{layout} at {root}" in result.output

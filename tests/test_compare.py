@@ -148,7 +148,7 @@ def test_across_experiments_adds_an_experiment_column(sqlite_store):
 def test_columns_are_chosen_and_missing_values_do_not_crash(sqlite_store):
     uri, _ = sqlite_store
     rows = invoke_json(uri, "--params", "seed,nonexistent", "--metrics", "val_acc,train_loss")
-    assert list(rows[0]) == ["rank", "run", "run_id", "status", "seed", "nonexistent", "val_loss", "val_acc",
+    assert list(rows[0]) == ["rank", "run", "run_id", "status", "dataset", "seed", "nonexistent", "val_loss", "val_acc",
                              "train_loss", "duration_s"]
     assert rows[0]["nonexistent"] is None and rows[0]["duration_s"] == 60.0
     assert next(r for r in rows if r["run"] == "d")["train_loss"] == 2.1
@@ -241,7 +241,7 @@ def test_unreachable_server_fails_within_ten_seconds(workdir):
 
 
 def test_rank_orders_nan_after_numbers_and_missing_last():
-    run = lambda name, start: compare.RunRecord(name, name, "x", "FINISHED", start, None, {}, {}, None)  # noqa: E731
+    run = lambda name, start: compare.RunRecord(name, name, "x", "FINISHED", start, None, {}, {}, {})  # noqa: E731
     runs = [run("nan", 1), run("low", 2), run("none", 3), run("high", 4)]
     ranked = compare.rank(runs, {"nan": math.nan, "low": 0.1, "high": 0.9}, descending=False)
     assert [(r.run.name, r.rank) for r in ranked] == [("low", 1), ("high", 2), ("nan", None), ("none", None)]

@@ -98,3 +98,32 @@ def test_local_stores_need_no_server():
 def test_passwords_are_redacted():
     assert redact_uri("http://alice:s3cret@host:5000/x") == "http://alice:***@host:5000/x"
     assert redact_uri("http://host:5000") == "http://host:5000"
+
+
+def test_image_folder_without_test_split_logs_no_test_metrics_and_says_so(workdir, write_image_folder):
+    from alexnet_mlflow.job import train_and_track
+
+    write_image_folder(workdir / "images", ["cat", "dog", "ship"], per_class=8, test=False, suffix=".jpg")
+    config = TrainConfig(data_dir=str(workdir / "images"), epochs=1, batch_size=8, val_fraction=0.25)
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    outcome = train_and_track(config, "folders", uri)
+    run = MlflowClient(uri).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert "test_acc" not in run.data.metrics and "test_loss" not in run.data.metrics
+    assert {"val_acc", "best_val_loss"} <= set(run.data.metrics)
+    assert run.data.tags["test_split"].startswith("none")
+    assert run.data.tags["dataset_layout"] == "image-folder"
+    assert run.data.tags["dataset"] == f"cifar10/image-folder@{run.data.tags['dataset_digest'][:8]}"
+    dataset = run.inputs.dataset_inputs[0].dataset
+    assert (dataset.name, dataset.digest) == ("cifar10-image-folder", run.data.tags["dataset_digest"])
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(outcome.run_id)}
+    assert "curves.png" in artifacts and "confusion_matrix.png" not in artifacts
+
+
+def test_different_data_has_a_different_dataset_tag(workdir, write_image_folder):
+    from alexnet_mlflow import data
+
+    first = write_image_folder(workdir / "a", ["cat", "dog"], per_class=2, test=False, seed=1)
+    second = write_image_folder(workdir / "b", ["cat", "dog"], per_class=2, test=False, seed=2)
+    digests = {data.load_dataset("cifar10", str(folder), 0).digest for folder in (first, second)}
+    assert len(digests) == 2
