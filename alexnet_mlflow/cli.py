@@ -20,18 +20,13 @@ from alexnet_mlflow.config import TrainConfig
 from alexnet_mlflow.errors import ConfigError, UserError
 from alexnet_mlflow.tracking import DEFAULT_EXPERIMENT, redact_uri  # mlflow is imported lazily there
 
-app = typer.Typer(
-    help="Train AlexNet on CIFAR-10, track every run in MLflow, and rank runs in tables.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.callback()
 def _app() -> None:
     """Train AlexNet on CIFAR-10, track every run in MLflow, and rank runs in tables."""
+    # The app-level help; a callback also keeps every command a subcommand.
 
 
 # Options shared by commands, declared once.

@@ -19,6 +19,7 @@ import os
 import pickle
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -64,18 +65,18 @@ def detect(root: Path, skip_bad_images: bool) -> tuple[str, Path, Callable[[], I
         raise DataError(f"data_dir {root} is a file: pass the folder that holds CIFAR-10 ({LAYOUTS_ACCEPTED})")
     for folder in (root / BATCHES_FOLDER, root):
         if (folder / TRAIN_BATCHES[0]).is_file():
-            return BATCHES_FOLDER, folder, lambda: read_batches(folder)
+            return BATCHES_FOLDER, folder, partial(read_batches, folder)
     archive = root / CIFAR10_ARCHIVE
     if archive.is_file():
-        return CIFAR10_ARCHIVE, archive, lambda: read_archive(archive)
+        return CIFAR10_ARCHIVE, archive, partial(read_archive, archive)
     if (root / "train").is_dir():
-        return "image-folder", root, lambda: read_image_folder(root, skip_bad_images)
+        return "image-folder", root, partial(read_image_folder, root, skip_bad_images)
     if root.is_dir() and any(root.iterdir()):
         raise DataError(f"data_dir {root} holds no CIFAR-10: expected {LAYOUTS_ACCEPTED}; "
                         f"or pass an empty or new folder to download it there")
     download(root)
     folder = root / BATCHES_FOLDER
-    return BATCHES_FOLDER, folder, lambda: read_batches(folder)
+    return BATCHES_FOLDER, folder, partial(read_batches, folder)
 
 
 def download(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:

@@ -34,7 +34,7 @@ import time
 BATCH = 64
 
 
-def images(args) -> "torch.Tensor":
+def images(args):
     import torch
 
     if args.data_dir:
@@ -71,7 +71,7 @@ def run_reference(args) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
     model.train()
-    for epoch in range(2):  # the second is timed
+    for _epoch in range(2):  # the second is timed
         start = time.perf_counter()
         for inputs, targets in loader:
             optimizer.zero_grad()
