@@ -124,7 +124,7 @@ def train(
     test = (f"test_loss {result.test_loss:.4f} test_acc {result.test_acc:.4f}" if result.test_acc is not None
             else "no test split: test metrics not logged")
     typer.echo(
-        f"run {outcome.run_id} FINISHED in experiment {experiment!r} at {redact_uri(tracking_uri)}\n"
+        f"run {outcome.run_id} FINISHED in experiment {outcome.experiment!r} at {redact_uri(tracking_uri)}\n"
         f"best epoch {result.best.epoch}: val_loss {result.best.val_loss:.4f} val_acc {result.best.val_acc:.4f}; "
         f"{test}\nmodel: {outcome.model_uri}"
     )

@@ -12,6 +12,7 @@ from alexnet_mlflow.tracking import TrackedRun, check_tracking_uri
 @dataclass(frozen=True)
 class JobResult:
     run_id: str
+    experiment: str
     model_uri: str
     result: engine.TrainResult
 
@@ -32,7 +33,7 @@ def train_and_track(
         run.log_environment(engine.device_name(device), config.dataset, images)
         result = engine.train(config, splits, device, on_epoch=run.log_epoch, progress=progress)
         model_uri = run.log_result(result, images.classes)
-    return JobResult(run.run_id, model_uri, result)
+    return JobResult(run.run_id, run.experiment, model_uri, result)
 
 
 def dry_run(config: TrainConfig, tracking_uri: str | None = None) -> str:

@@ -74,6 +74,7 @@ class TrackedRun:
             mlflow.set_experiment(self.experiment)
             run = mlflow.start_run(run_name=self.run_name)
         self.run_id = run.info.run_id
+        self.experiment = mlflow.get_experiment(run.info.experiment_id).name  # mlflow run's, if it chose
         already_logged = run.data.params
         mlflow.log_params({k: v for k, v in self.config.as_params().items() if k not in already_logged})
         mlflow.log_dict(asdict(self.config), "config.json")

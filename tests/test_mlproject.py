@@ -65,6 +65,7 @@ def test_mlflow_run_end_to_end_against_a_server(workdir, mlflow_server):
         cwd=workdir, env=cli_env(MLFLOW_TRACKING_URI=mlflow_server), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "FINISHED in experiment 'project'" in result.stdout
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("project").experiment_id])
     assert len(runs) == 1  # the project's own run, not a second one
