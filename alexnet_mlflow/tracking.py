@@ -226,9 +226,13 @@ def metric_histories(tracking_uri: str | None, run_ids: list[str], metric: str) 
     return _reader(tracking_uri).histories(run_ids, metric)
 
 
-def _bad_filter(filter_string: str, reason: str) -> TrackingError:
-    return TrackingError(f"filter {filter_string!r} is invalid: {reason.splitlines()[0]} "
-                         f"(syntax: https://mlflow.org/docs/latest/search-runs.html)")
+def _search_failed(uri: str | None, filter_string: str, code: str, reason: str) -> TrackingError:
+    """A rejected filter says so and links the syntax; any other failure says what the server said."""
+    reason = (reason.splitlines() or [code])[0]
+    if code == "INVALID_PARAMETER_VALUE":
+        return TrackingError(f"filter {filter_string!r} is invalid: {reason} "
+                             f"(syntax: https://mlflow.org/docs/latest/search-runs.html)")
+    return TrackingError(f"searching runs at {redact_uri(uri)} failed ({code}): {reason}")
 
 
 def _reader(tracking_uri: str | None):
@@ -244,6 +248,7 @@ class _ClientReader:
         import mlflow
 
         self.client = mlflow.MlflowClient(tracking_uri)
+        self.uri = tracking_uri
 
     def experiment_id(self, name: str) -> str | None:
         experiment = self.client.get_experiment_by_name(name)
@@ -260,7 +265,7 @@ class _ClientReader:
             page = self.client.search_runs(experiment_ids, filter_string, ViewType.ACTIVE_ONLY,
                                            max_results=SEARCH_PAGE, page_token=token)
         except MlflowException as e:
-            raise _bad_filter(filter_string, str(e.message)) from None
+            raise _search_failed(self.uri, filter_string, e.error_code, str(e.message)) from None
         records = [RunRecord(
             run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8], experiment=run.info.experiment_id,
             status=run.info.status, start_time=run.info.start_time, end_time=run.info.end_time,
@@ -334,7 +339,7 @@ class _RestReader:
         try:
             body = self._call("POST", "/runs/search", json=request)
         except _RestError as e:
-            raise _bad_filter(filter_string, e.message) from None
+            raise _search_failed(self.uri, filter_string, e.code, e.message) from None
         return [self._record(run) for run in body.get("runs", [])], body.get("next_page_token")
 
     @staticmethod

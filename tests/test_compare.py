@@ -286,3 +286,12 @@ def test_epoch_table_group_by_and_plot_on_a_short_real_training(workdir):
     png = workdir / "val_loss.png"
     assert runner.invoke(app, [*base, "--plot", str(png)]).exit_code == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_malformed_filter_is_reported_as_such_by_both_stores(store):
+    from alexnet_mlflow import tracking
+    from alexnet_mlflow.errors import TrackingError
+
+    uri, _ = store
+    with pytest.raises(TrackingError, match=r"filter 'params.lr === 1' is invalid: .*search-runs"):
+        tracking.find_runs(uri, [EXPERIMENT], "params.lr === 1")
