@@ -17,6 +17,15 @@ class JobResult:
     result: engine.TrainResult
 
 
+def prepare(config: TrainConfig, tracking_uri: str | None) -> tuple:
+    """The checks that fail fast on bad input, in order: server, device, data. Returns the
+    device, the decoded images and their train/val/test splits."""
+    check_tracking_uri(tracking_uri)
+    device = engine.resolve_device(config.device)
+    images = data.load_dataset(config.dataset, config.data_dir, config.seed, config.skip_bad_images)
+    return device, images, data.split(images, config.val_fraction, config.seed)
+
+
 def train_and_track(
     config: TrainConfig,
     experiment: str,
@@ -25,10 +34,7 @@ def train_and_track(
     progress: engine.Progress | None = None,
 ) -> JobResult:
     """Everything that can fail on bad input (server, device, data) is checked before the run starts."""
-    check_tracking_uri(tracking_uri)
-    device = engine.resolve_device(config.device)
-    images = data.load_dataset(config.dataset, config.data_dir, config.seed, config.skip_bad_images)
-    splits = data.split(images, config.val_fraction, config.seed)
+    device, images, splits = prepare(config, tracking_uri)
     with TrackedRun(config, experiment, tracking_uri, run_name) as run:
         run.log_environment(engine.device_name(device), config.dataset, images)
         result = engine.train(config, splits, device, on_epoch=run.log_epoch, progress=progress)
@@ -42,10 +48,7 @@ def dry_run(config: TrainConfig, tracking_uri: str | None = None) -> str:
 
     from alexnet_mlflow.model import build_model, count_parameters
 
-    check_tracking_uri(tracking_uri)
-    device = engine.resolve_device(config.device)
-    images = data.load_dataset(config.dataset, config.data_dir, config.seed, config.skip_bad_images)
-    splits = data.split(images, config.val_fraction, config.seed)
+    device, images, splits = prepare(config, tracking_uri)
     model = build_model(config).to(device)
     optimizer = engine.make_optimizer(config, model, device)
     batch = splits.train[0][: config.batch_size].to(device)
