@@ -16,6 +16,7 @@ import typer
 
 from alexnet_mlflow import compare as compare_defaults  # imports no torch and no mlflow
 from alexnet_mlflow import config as config_module
+from alexnet_mlflow import sweep as sweep_defaults  # imports no torch, optuna or mlflow
 from alexnet_mlflow.config import TrainConfig
 from alexnet_mlflow.errors import ConfigError, UserError
 from alexnet_mlflow.tracking import DEFAULT_EXPERIMENT, redact_uri  # mlflow is imported lazily there
@@ -158,7 +159,8 @@ def compare(
     epochs: Annotated[str, typer.Option(
         help="Epoch table instead: one row per epoch (e.g. 1,5,10,15,20,30,40,50), one column per run.")] = "",
     group_by: Annotated[Optional[list[str]], typer.Option(
-        help="Group table instead: mean ± std over runs sharing these params (e.g. seeds).")] = None,
+        help="Group table instead: mean ± std over runs sharing these params (e.g. seeds); "
+             "with --epochs, each group's mean per epoch.")] = None,
     format: Annotated[str, typer.Option(help="table, csv, markdown or json.")] = "table",
     output: Annotated[str, typer.Option(help="Write to this file instead of standard output.")] = "",
     plot: Annotated[str, typer.Option(help="Also draw the metric's per-epoch curves of the top runs to this PNG.")] = "",
@@ -185,6 +187,110 @@ def compare(
 
         metric_curves_figure(comparing.curves(query, ranked, tracking_uri), query.metric).savefig(plot, dpi=120)
     _emit(table, format, output)
+
+
+def with_space_options(command):
+    """Replace the command's `space: dict` parameter by one text option per TrainConfig field:
+    one value fixes the field for every trial, comma-separated values sweep it."""
+    signature = inspect.signature(command, eval_str=True)
+    options = []
+    for f in config_module.fields():
+        options.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[Optional[str], typer.Option(
+                show_default=config_module.format_param(f.default), rich_help_panel="Search space",
+                help=f"{f.metadata['help']} Comma-separated values are swept.")],
+        ))
+    others = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+              for name, p in signature.parameters.items() if name != "space"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        space = {f.name: kwargs.pop(f.name) for f in config_module.fields()}
+        return command(space=space, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=options + others)
+    wrapper.__annotations__ = {p.name: p.annotation for p in options + others}
+    return wrapper
+
+
+def _optional_number(kind: type):
+    """A number option that MLproject can leave unset with an empty string."""
+    parse = _number_parser(kind)
+    return lambda text: None if text in ("", None) else parse(text)
+
+
+SPEC = sweep_defaults.SweepSpec.__dataclass_fields__
+RUNTIME = sweep_defaults.SweepOptions.__dataclass_fields__
+
+
+def _spec_option(name: str, kind: type, help: str, **extra):
+    """A sweep setting whose default lives in SweepSpec / SweepOptions (None = that default)."""
+    field = SPEC.get(name) or RUNTIME[name]
+    parser = {"parser": _optional_number(kind), "metavar": kind.__name__.upper()} if kind in (int, float) else {}
+    return Annotated[Optional[kind], typer.Option(show_default=str(field.default), help=help,
+                                                  rich_help_panel="Sweep", **parser, **extra)]
+
+
+@app.command()
+@with_space_options
+def sweep(
+    space: dict,
+    preset: Annotated[Optional[str], typer.Option(
+        help=f"A packaged search space: {', '.join(sweep_defaults.PRESETS)} (the report's 6 configurations x 3 seeds).",
+        rich_help_panel="Sweep")] = None,
+    space_file: Annotated[Optional[str], typer.Option(
+        "--space", help="YAML search space (see docs/sweeps.md); options override it.", rich_help_panel="Sweep")] = None,
+    seeds: _spec_option("seeds", int, "Grid: train every point with this many seeds (--seed, --seed+1, ...).") = None,
+    sampler: _spec_option("sampler", str, f"One of: {', '.join(sweep_defaults.SAMPLERS)}.") = None,
+    n_trials: _spec_option("n_trials", int, "Trials of random and tpe (a grid runs every point).") = None,
+    metric: _spec_option("metric", str, "Metric the study optimises and the tables rank by.") = None,
+    prune: Annotated[bool, typer.Option(
+        "--prune", help="Stop unpromising trials early (Optuna's MedianPruner on the per-epoch metric).",
+        rich_help_panel="Sweep")] = False,
+    prune_startup_trials: _spec_option("prune_startup_trials", int, "Trials that finish before any is pruned.") = None,
+    prune_warmup_epochs: _spec_option("prune_warmup_epochs", int, "Epochs a trial runs before it may be pruned.") = None,
+    study: Annotated[Optional[str], typer.Option(
+        show_default="sweep-<hash of the sweep's settings>", help="Optuna study name.", rich_help_panel="Sweep")] = None,
+    storage: Annotated[Optional[str], typer.Option(
+        show_default="sqlite optuna.db beside a sqlite mlflow.db, or in this folder",
+        help="Optuna storage URL; share one database between machines.", rich_help_panel="Sweep")] = None,
+    workers: _spec_option("workers", int, "Local worker processes.") = None,
+    stale_after: _spec_option("stale_after", float,
+                              "Seconds without a heartbeat before another worker reruns a trial.") = None,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+    tracking_uri: TrackingUri = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run a study: many trainings as child runs of one MLflow run, on Optuna, in parallel."""
+    from alexnet_mlflow import render
+    from alexnet_mlflow import sweep as sweeping
+
+    if preset and space_file:
+        raise ConfigError("--preset and --space both give a search space: pass one of them")
+    loaded = sweeping.preset_space(preset) if preset else sweeping.load_space(space_file) if space_file else {}
+    spec = sweeping.build_spec(
+        loaded, space, seeds=seeds, sampler=sampler, n_trials=n_trials, metric=metric, prune=prune or None,
+        prune_startup_trials=prune_startup_trials, prune_warmup_epochs=prune_warmup_epochs,
+    )
+    runtime = {"workers": workers, "stale_after": stale_after}
+    options = sweeping.SweepOptions(experiment=experiment, tracking_uri=tracking_uri, study=study or None,
+                                    storage=storage or None, **{k: v for k, v in runtime.items() if v is not None})
+    if quiet:
+        tables, outcome = sweeping.run_sweep(spec, options)
+    else:
+        from alexnet_mlflow.progress import TrialProgress
+
+        with TrialProgress() as progress:
+            tables, outcome = sweeping.run_sweep(spec, options, progress.update)
+    for table in tables:
+        render.print_rich(table)
+    states = ", ".join(f"{n} {state}" for state, n in sorted(outcome.states.items())) or "none"
+    best = f"; best {spec.metric} {outcome.best_value:.4f} (run {outcome.best_run_id})" if outcome.best_run_id else ""
+    typer.echo(f"sweep {outcome.study} (storage {outcome.storage}): trained {outcome.trained} trial(s) now; "
+               f"trials: {states}{best}\nparent run {outcome.parent_run_id} in experiment {outcome.experiment!r}")
+    if outcome.missing:
+        _fail(f"{outcome.missing} trial(s) did not finish: run the same command again to retry them", 1)
 
 
 def _parse_epochs(text: str) -> tuple[int, ...]:

@@ -46,7 +46,7 @@ class CompareQuery:
     params: tuple[str, ...] = KEY_PARAMS
     metrics: tuple[str, ...] | None = None  # None: the headline metrics other than the ranked one
     epochs: tuple[int, ...] = ()  # non-empty: the epoch table instead of the ranking
-    group_by: tuple[str, ...] = ()  # non-empty: the group table instead of the ranking
+    group_by: tuple[str, ...] = ()  # non-empty: the group table instead (with epochs: groups' mean per epoch)
 
     def __post_init__(self) -> None:
         if self.agg not in AGGREGATIONS:
@@ -57,8 +57,6 @@ class CompareQuery:
             raise ConfigError(f"top={self.top} is invalid: expected an integer >= 1")
         if any(e < 0 for e in self.epochs):
             raise ConfigError(f"epochs {self.epochs} is invalid: expected steps >= 0, e.g. 1,5,10")
-        if self.epochs and self.group_by:
-            raise ConfigError("--epochs and --group-by make different tables: pass one of them")
         parse_where(self.where)
 
     @property
@@ -246,9 +244,27 @@ def group_table(query: CompareQuery, grouped: Sequence[Group]) -> Table:
     return Table(f"{column} by {', '.join(query.group_by)}", columns, rows)
 
 
+def group_epoch_table(query: CompareQuery, ranked: Sequence[Ranked], tracking_uri: str | None) -> Table:
+    """The epoch table per configuration: one row per epoch, one column per group of runs
+    (e.g. the seeds of one configuration) holding the mean of the metric at that epoch."""
+    members: dict[tuple, list[str]] = {}
+    for r in ranked:
+        members.setdefault(tuple(r.run.params.get(p) for p in query.group_by), []).append(r.run.run_id)
+    histories = tracking.metric_histories(tracking_uri, [i for ids in members.values() for i in ids], query.metric)
+    columns, by_group = [], []
+    for key, run_ids in members.items():
+        columns.append("/".join(str(v) for v in key))
+        steps = [dict(histories.get(run_id, [])) for run_id in run_ids]
+        by_group.append({e: [s[e] for s in steps if e in s] for e in query.epochs})
+    rows = tuple((e, *(statistics.fmean(g[e]) if g[e] else None for g in by_group)) for e in query.epochs)
+    return Table(f"mean {query.metric} per epoch by {'/'.join(query.group_by)}", ("epoch", *columns), rows)
+
+
 def compare(query: CompareQuery, tracking_uri: str | None) -> tuple[Table, list[Ranked]]:
     """The table the query asks for (ranking, epochs or groups) and the ranked runs behind it."""
     ranked = ranked_runs(query, tracking_uri)
+    if query.epochs and query.group_by:
+        return group_epoch_table(query, ranked, tracking_uri), ranked
     if query.epochs:
         return epoch_table(query, curves(query, ranked, tracking_uri)), ranked
     if query.group_by:

@@ -15,3 +15,15 @@ class DataError(UserError):
 
 class TrackingError(UserError):
     pass
+
+
+class StopTraining(Exception):
+    """Raised from an epoch callback to end training early on purpose (a pruned sweep trial).
+
+    The tracked run ends with `status` and `tags` say why; nothing logged so far is lost.
+    """
+
+    def __init__(self, message: str, status: str, tags: dict[str, str]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.tags = tags

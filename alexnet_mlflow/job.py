@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from alexnet_mlflow import data, engine
 from alexnet_mlflow.config import TrainConfig
@@ -32,12 +33,26 @@ def train_and_track(
     tracking_uri: str | None = None,
     run_name: str | None = None,
     progress: engine.Progress | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_start: Callable[[str], None] = lambda run_id: None,
+    on_epoch: Callable[[engine.EpochMetrics], None] = lambda metrics: None,
 ) -> JobResult:
-    """Everything that can fail on bad input (server, device, data) is checked before the run starts."""
+    """Everything that can fail on bad input (server, device, data) is checked before the run starts.
+
+    A sweep trial passes its parent run and tags, learns the run id from `on_start`, and sees
+    each epoch after it is logged through `on_epoch` (which may raise StopTraining to prune).
+    """
     device, images, splits = prepare(config, tracking_uri)
-    with TrackedRun(config, experiment, tracking_uri, run_name) as run:
+    with TrackedRun(config, experiment, tracking_uri, run_name, parent_run_id, tags) as run:
+        on_start(run.run_id)
         run.log_environment(engine.device_name(device), config.dataset, images)
-        result = engine.train(config, splits, device, on_epoch=run.log_epoch, progress=progress)
+
+        def epoch_done(metrics: engine.EpochMetrics) -> None:
+            run.log_epoch(metrics)
+            on_epoch(metrics)
+
+        result = engine.train(config, splits, device, on_epoch=epoch_done, progress=progress)
         model_uri = run.log_result(result, images.classes)
     return JobResult(run.run_id, run.experiment, model_uri, result)
 

@@ -42,3 +42,24 @@ class RichProgress:
                 f"{m.epoch_seconds:.0f}s {m.images_per_second:.0f} img/s")
         self.bars.update(self.epochs, status=f"val_loss {m.val_loss:.4f}  val_acc {m.val_acc:.3f}")
         self.bars.console.print(line, highlight=False)
+
+
+class TrialProgress:
+    """One bar for a sweep: trials ended out of the total, with counts by state."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.bars = Progress(TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TextColumn("{task.fields[status]}"), console=console or Console(stderr=True))
+        self.task = self.bars.add_task("trials", total=None, status="")
+
+    def __enter__(self) -> "TrialProgress":
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.stop()
+
+    def update(self, states: dict[str, int], total: int) -> None:
+        ended = sum(n for state, n in states.items() if state in ("COMPLETE", "PRUNED", "FAIL"))
+        status = " ".join(f"{state.lower()} {n}" for state, n in sorted(states.items()))
+        self.bars.update(self.task, completed=ended, total=total, status=status)

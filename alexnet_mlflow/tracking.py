@@ -15,7 +15,7 @@ import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, replace
 
-from alexnet_mlflow.errors import TrackingError
+from alexnet_mlflow.errors import StopTraining, TrackingError
 
 DEFAULT_EXPERIMENT = "alexnet-cifar10"
 HEALTH_TIMEOUT_S = 5  # a live server answers /health in milliseconds; MLflow's own client retries ~4 min
@@ -54,11 +54,14 @@ def check_tracking_uri(uri: str | None) -> None:
 class TrackedRun:
     """One training's MLflow run. Use as `with TrackedRun(...) as run:`."""
 
-    def __init__(self, config, experiment: str, tracking_uri: str | None, run_name: str | None = None):
+    def __init__(self, config, experiment: str, tracking_uri: str | None, run_name: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None):
         self.config = config
         self.experiment = experiment
         self.tracking_uri = tracking_uri
         self.run_name = run_name or config.run_name()
+        self.parent_run_id = parent_run_id  # a sweep's parent: this run is one of its trials
+        self.tags = tags or {}
         self.run_id: str | None = None
 
     def __enter__(self) -> "TrackedRun":
@@ -67,12 +70,17 @@ class TrackedRun:
         if self.tracking_uri:
             mlflow.set_tracking_uri(self.tracking_uri)
         project_run_id = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`
-        if project_run_id:
+        if self.parent_run_id:  # a child lives in its parent's experiment, whatever it is named
+            experiment_id = mlflow.MlflowClient().get_run(self.parent_run_id).info.experiment_id
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name,
+                                   parent_run_id=self.parent_run_id, tags=self.tags)
+        elif project_run_id:
             run = mlflow.start_run(run_id=project_run_id)
             mlflow.MlflowClient().update_run(run.info.run_id, name=self.run_name)
+            mlflow.set_tags(self.tags)
         else:
             mlflow.set_experiment(self.experiment)
-            run = mlflow.start_run(run_name=self.run_name)
+            run = mlflow.start_run(run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         self.experiment = mlflow.get_experiment(run.info.experiment_id).name  # mlflow run's, if it chose
         already_logged = run.data.params
@@ -85,6 +93,9 @@ class TrackedRun:
 
         if exc_type is None:
             status = "FINISHED"
+        elif issubclass(exc_type, StopTraining):
+            mlflow.set_tags(exc.tags)
+            status = exc.status
         elif issubclass(exc_type, KeyboardInterrupt):
             status = "KILLED"
         else:
@@ -120,7 +131,12 @@ class TrackedRun:
                 images.train_images.numpy(), targets=images.train_labels.numpy(),
                 name=f"{dataset_name}-{images.layout}", source=images.source, digest=images.digest,
             )
-        mlflow.log_input(data, context="training")
+        try:
+            mlflow.log_input(data, context="training")
+        except mlflow.exceptions.MlflowException:
+            # Two runs logging the same new dataset at once (sweep workers) race on the store's
+            # unique (experiment, name, digest) row; the loser's retry finds the row and links it.
+            mlflow.log_input(data, context="training")
 
     def log_epoch(self, metrics) -> None:
         """The training loop's on_epoch callback: one point per metric, step = epoch."""
@@ -174,6 +190,67 @@ class TrackedRun:
             model, name="model", signature=signature, input_example=example,
             pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
         )
+
+
+# ---- sweeps: the parent run, and runs a dead worker left behind ---------------------------------
+
+def open_sweep_parent(tracking_uri: str | None, experiment: str, previous_run_id: str | None,
+                      name: str, tags: dict[str, str]) -> tuple[str, str]:
+    """The sweep's parent run, RUNNING: the one an earlier invocation of the same sweep made (so
+    a rerun adds to it), else the run of `mlflow run -e sweep`, else a new run. Returns its id
+    and its experiment's name."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri)
+    run = None
+    if previous_run_id:
+        try:
+            run = client.get_run(previous_run_id)
+        except MlflowException:
+            run = None  # another tracking server, or deleted: start a new parent
+        if run is not None and run.info.lifecycle_stage != "active":
+            run = None
+    project_run_id = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run -e sweep`
+    if run is None and project_run_id:
+        run = client.get_run(project_run_id)
+    if run is None:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run = client.create_run(experiment_id, run_name=name)
+    elif project_run_id and project_run_id != run.info.run_id:
+        client.set_tag(project_run_id, "sweep.parent_run_id", run.info.run_id)  # the project run points there
+    if run.info.status != "RUNNING":
+        client.update_run(run.info.run_id, status="RUNNING")
+    for key, value in tags.items():
+        client.set_tag(run.info.run_id, key, value)
+    return run.info.run_id, client.get_experiment(run.info.experiment_id).name
+
+
+def close_sweep_parent(tracking_uri: str | None, run_id: str, status: str, metrics: dict[str, float],
+                       step: int, tags: dict[str, str], texts: dict[str, str]) -> None:
+    """Log the sweep's outcome on its parent (best trial, summary tables as artifacts) and end it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value, step=step)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for path, text in texts.items():
+        client.log_text(run_id, text, path)
+    client.set_terminated(run_id, status)
+
+
+def end_orphaned_run(tracking_uri: str | None, run_id: str, tags: dict[str, str]) -> None:
+    """A run whose process died (SIGKILL, lost machine) stays RUNNING: end it KILLED, saying why."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, "KILLED")
 
 
 # ---- reading runs back (compare) -------------------------------------------------------------

@@ -119,3 +119,32 @@ def test_mlflow_run_compare_entry_point(workdir, mlflow_server):
     import json
 
     assert [row["run"] for row in json.loads(out.read_text())] == ["better", "worse"]
+
+
+def test_sweep_parameters_are_the_sweep_options():
+    parameters = entry_point("sweep")["parameters"]
+    options = {k: v for k, v in cli_options("sweep").items() if k != "quiet"}
+    assert list(parameters) == list(options)
+    for name, default in options.items():
+        # Unset (None) is the empty string, which the command reads as "not given".
+        assert str(parameters[name]["default"]) == ("" if default is None else format_param(default)), name
+        form = f"--{name.replace('_', '-')}" + ("=" if isinstance(default, bool) else " ") + f"{{{name}}}"
+        assert form in entry_point("sweep")["command"], name
+
+
+def test_mlflow_run_sweep_entry_point_nests_trials_under_the_project_run(workdir, mlflow_server):
+    # The storage is named: `mlflow run` runs the command in the project folder, not in workdir.
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "sweep", "--env-manager", "local",
+         "--experiment-name", "project-sweep", "-P", "activation=relu,leaky_relu", "-P", "dataset=synthetic",
+         "-P", "epochs=1", "-P", "batch_size=256", "-P", f"storage=sqlite:///{workdir}/optuna.db"],
+        cwd=workdir, env=cli_env(MLFLOW_TRACKING_URI=mlflow_server), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("project-sweep").experiment_id])
+    project = [r for r in runs if r.data.tags.get("mlflow.source.type") == "PROJECT"]
+    assert len(project) == 1 and project[0].info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == project[0].info.run_id]
+    assert sorted(r.data.params["activation"] for r in trials) == ["leaky_relu", "relu"]
+    assert all(r.info.status == "FINISHED" for r in trials) and len(runs) == 3

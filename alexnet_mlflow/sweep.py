@@ -1,0 +1,685 @@
+"""Sweeps: many trainings as children of one MLflow run, scheduled through an Optuna study.
+
+The study (in an Optuna storage: a sqlite file by default, any database URL for many machines) is
+the shared to-do list. Every process that runs the same sweep opens the same study and takes
+trials from it, so N local workers, or workers on several machines, never train one trial twice:
+
+- grid (and presets): every configuration x seed is enqueued as a WAITING trial; `study.ask()`
+  hands each WAITING trial to exactly one process (Optuna's storage makes that atomic). Optuna's
+  own GridSampler is not used: its docs warn that it may run a grid point twice in distributed
+  optimisation.
+- random / tpe: each worker asks the sampler for a new trial while fewer than --n-trials exist.
+- A rerun enqueues what is missing: FINISHED trials are kept, FAILED ones are retried.
+- A RUNNING trial whose worker died (its pid is gone on this host, or its heartbeat is older
+  than --stale-after on any host) is ended, its MLflow run marked KILLED, and it is enqueued again.
+
+This module imports neither torch, optuna nor mlflow at import time (the CLI imports it for
+defaults); workers import them when they start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from alexnet_mlflow import config as config_module
+from alexnet_mlflow.compare import (
+    KEY_PARAMS,
+    CompareQuery,
+    Table,
+    descending_by_default,
+)
+from alexnet_mlflow.config import TrainConfig
+from alexnet_mlflow.errors import ConfigError, StopTraining, UserError
+
+SAMPLERS = ("grid", "random", "tpe")
+PRESETS = ("report",)
+PRESET_DIR = Path(__file__).parent / "presets"
+# The epochs of the report's "Loss Rate Table"s.
+REPORT_EPOCHS = (1, 5, 10, 15, 20, 30, 40, 50)
+# What a trial can be ranked by: EpochMetrics' fields (the last epoch's) and the final metrics
+# (tests/test_sweep.py checks them against engine.EpochMetrics).
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_second")
+FINAL_METRICS = ("best_val_loss", "best_val_acc", "best_epoch", "test_loss", "test_acc")
+POLL_SECONDS = 1.0  # how often an idle worker or the progress display looks at the study
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric interval that random and tpe sample from (a YAML `{low, high, log}` mapping)."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep trains. The same spec is the same study: its fingerprint names the study
+    and a rerun with other options cannot silently mix into it."""
+
+    fixed: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields set for every trial
+    configurations: tuple[dict[str, Any], ...] = ()  # explicit points, e.g. the report's five
+    choices: dict[str, tuple] = field(default_factory=dict)  # swept fields: the values to try
+    ranges: dict[str, Range] = field(default_factory=dict)  # swept numeric intervals (random, tpe)
+    seeds: int = 1  # grid: each point with seeds seed, seed+1, ...
+    sampler: str = "grid"
+    n_trials: int = 20  # random and tpe; a grid runs every point
+    metric: str = "val_loss"
+    prune: bool = False
+    prune_startup_trials: int = 5  # MedianPruner: trials that finish before any is pruned
+    prune_warmup_epochs: int = 0  # MedianPruner: epochs before a trial may be pruned
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if self.metric not in EPOCH_METRICS + FINAL_METRICS:
+            raise ConfigError(f"metric {self.metric!r} is not one a trial reports: use one of "
+                              f"{', '.join(EPOCH_METRICS + FINAL_METRICS)}")
+        if self.prune and self.metric not in EPOCH_METRICS:
+            raise ConfigError(f"--prune compares per-epoch values, and {self.metric!r} is logged once: "
+                              "use --metric val_loss (or another per-epoch metric)")
+        if self.seeds < 1 or self.n_trials < 1:
+            raise ConfigError(f"seeds={self.seeds}, n_trials={self.n_trials} are invalid: expected integers >= 1")
+        if self.sampler == "grid" and self.ranges:
+            raise ConfigError(f"{', '.join(self.ranges)}: a low/high range cannot be a grid: "
+                              "list values, or use --sampler random or tpe")
+        if self.sampler != "grid" and (self.configurations or self.seeds > 1):
+            raise ConfigError(f"--sampler {self.sampler} samples a space: explicit configurations "
+                              "(a preset) and --seeds > 1 need --sampler grid")
+        swept = set(self.choices) | set(self.ranges) | {k for c in self.configurations for k in c}
+        unknown = sorted((swept | set(self.fixed)) - {f.name for f in config_module.fields()})
+        if unknown:
+            raise ConfigError(f"{', '.join(unknown)}: not a training parameter; see alexnet-mlflow train --help")
+        self.example_configs()  # building each trial's TrainConfig checks every value up front
+
+    @property
+    def descending(self) -> bool:
+        return descending_by_default(self.metric)
+
+    @property
+    def swept(self) -> tuple[str, ...]:
+        """The fields that differ between trials, seed last."""
+        names = list(dict.fromkeys([k for c in self.configurations for k in c] + list(self.choices) + list(self.ranges)))
+        if self.seeds > 1:
+            names.append("seed")
+        return tuple(n for n in names if n != "seed") + (("seed",) if "seed" in names else ())
+
+    def points(self) -> list[dict[str, Any]]:
+        """The grid: configurations x every combination of the choices x seeds."""
+        base_seed = self.fixed.get("seed", config_module.defaults()["seed"])
+        combos = [dict(zip(self.choices, values)) for values in itertools.product(*self.choices.values())]
+        out = []
+        for configuration in self.configurations or ({},):
+            for combo in combos:
+                for i in range(self.seeds):
+                    point = {**configuration, **combo}
+                    if self.seeds > 1:
+                        point["seed"] = base_seed + i
+                    out.append(point)
+        return out
+
+    def config_for(self, params: dict[str, Any]) -> TrainConfig:
+        return TrainConfig(**{**self.fixed, **params})
+
+    def example_configs(self) -> list[TrainConfig]:
+        if self.sampler == "grid":
+            return [self.config_for(p) for p in self.points()]
+        corners = [{name: r.low for name, r in self.ranges.items()}, {name: r.high for name, r in self.ranges.items()}]
+        for name, values in self.choices.items():
+            for i, value in enumerate(values):
+                corners.append({name: value})
+        return [self.config_for({k: _typed(k, v) for k, v in c.items()}) for c in corners]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """Where and how a sweep runs; not part of its identity."""
+
+    experiment: str
+    tracking_uri: str | None = None
+    study: str | None = None  # default: sweep-<fingerprint>
+    storage: str | None = None  # default: optuna.db beside the sqlite mlflow.db, or in this folder
+    workers: int = 1
+    stale_after: float = 120.0  # seconds without a heartbeat before another worker takes a trial over
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers={self.workers} is invalid: expected an integer >= 1")
+        if self.stale_after <= 0:
+            raise ConfigError(f"stale_after={self.stale_after} is invalid: expected seconds > 0")
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    study: str
+    storage: str
+    parent_run_id: str
+    experiment: str
+    trained: int  # trials this invocation's workers ran
+    states: dict[str, int]  # COMPLETE, PRUNED, FAIL, ... over the sweep's trials
+    best_run_id: str | None
+    best_value: float | None
+    missing: int  # trials that did not end COMPLETE or PRUNED: run the sweep again to retry them
+
+
+# ---- building a spec --------------------------------------------------------------------------
+
+def parse_values(name: str, text: str) -> tuple:
+    """`relu,leaky_relu` -> ('relu', 'leaky_relu'), each typed as the TrainConfig field."""
+    return tuple(_typed(name, part.strip()) for part in text.split(",") if part.strip())
+
+
+def _typed(name: str, value: Any) -> Any:
+    kinds = {f.name: f.type for f in config_module.fields()}
+    if name not in kinds:
+        raise ConfigError(f"{name!r} is not a training parameter; see alexnet-mlflow train --help")
+    kind = kinds[name]
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "false"):
+                return str(value).lower() == "true"
+            raise ValueError
+        if kind == "int":
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except ValueError:
+        accepted = {"bool": "true or false", "int": "an integer", "float": "a number"}[kind]
+        raise ConfigError(f"{name}={value!r} is invalid: expected {accepted}") from None
+
+
+def load_space(path: str | Path) -> dict[str, Any]:
+    """A YAML search space: `field: value` (fixed), `field: [a, b]` (swept),
+    `field: {low: 1e-5, high: 1e-2, log: true}` (random/tpe), and optionally
+    `configurations: [{...}, ...]` (explicit points) and `seeds: N`."""
+    import yaml
+
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"space file {str(path)!r} cannot be read ({e.strerror}): pass an existing YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"space file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"space file {str(path)!r} must be a mapping of parameter names, e.g. `lr: [0.001, 0.0001]`")
+    return loaded
+
+
+def preset_space(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"preset {name!r} is not one of {', '.join(PRESETS)}")
+    return load_space(PRESET_DIR / f"{name}.yaml")
+
+
+def build_spec(space: dict[str, Any], options: dict[str, str | None], **settings: Any) -> SweepSpec:
+    """A spec from a space (file or preset, may be empty) and the command's options, which win:
+    `--activation relu,leaky_relu` sweeps, `--epochs 1` fixes. `settings` are SweepSpec fields
+    (None = the file's value, else the default)."""
+    space = dict(space)
+    configurations = tuple(
+        {k: _typed(k, v) for k, v in c.items()} for c in space.pop("configurations", None) or ()
+    )
+    file_seeds = space.pop("seeds", None)
+    fixed, choices, ranges = {}, {}, {}
+    for name, value in space.items():
+        if isinstance(value, list):
+            choices[name] = tuple(_typed(name, v) for v in value)
+        elif isinstance(value, dict):
+            unknown = set(value) - {"low", "high", "log"}
+            if unknown or not {"low", "high"} <= set(value):
+                raise ConfigError(f"{name}: a range is {{low: L, high: H, log: true|false}}, got {value}")
+            ranges[name] = Range(_typed(name, value["low"]), _typed(name, value["high"]), bool(value.get("log", False)))
+        else:
+            fixed[name] = _typed(name, value)
+    for name, text in options.items():
+        if text is None or text == "":
+            continue
+        values = parse_values(name, text)
+        for group in (fixed, choices, ranges):
+            group.pop(name, None)
+        configurations = tuple({k: v for k, v in c.items() if k != name} for c in configurations)
+        if len(values) == 1:
+            fixed[name] = values[0]
+        else:
+            choices[name] = values
+    if file_seeds is not None and settings.get("seeds") is None:
+        settings["seeds"] = int(file_seeds)
+    settings = {k: v for k, v in settings.items() if v not in (None, "")}  # "": MLproject's unset
+    return SweepSpec(fixed=fixed, configurations=configurations, choices=choices, ranges=ranges, **settings)
+
+
+def default_storage(tracking_uri: str | None) -> str:
+    """A sqlite file beside a sqlite mlflow.db, else in this folder (one machine). Several
+    machines share a database server instead: see docs/sweeps.md."""
+    folder = Path.cwd()
+    if tracking_uri and tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+# ---- the study --------------------------------------------------------------------------------
+
+def open_study(spec: SweepSpec, options: SweepOptions):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = options.storage or default_storage(options.tracking_uri)
+    name = options.study or f"sweep-{spec.fingerprint()[:10]}"
+    # sqlite: wait for a lock instead of failing when workers write at the same moment.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as e:  # noqa: BLE001 (SQLAlchemy and optuna raise many kinds here)
+        raise ConfigError(f"storage {url!r} cannot be opened ({str(e).splitlines()[0]}): pass a database "
+                          "URL such as sqlite:///optuna.db or postgresql://user@host/db") from None
+    pruner = (optuna.pruners.MedianPruner(spec.prune_startup_trials, spec.prune_warmup_epochs)
+              if spec.prune else optuna.pruners.NopPruner())
+    study = optuna.create_study(
+        study_name=name, storage=storage, load_if_exists=True, sampler=_sampler(spec), pruner=pruner,
+        direction="maximize" if spec.descending else "minimize",
+    )
+    spec_json = json.dumps(asdict(spec), sort_keys=True, default=str)
+    stored = study.user_attrs.get("spec")
+    if stored is None:
+        study.set_user_attr("spec", spec_json)
+    elif stored != spec_json:
+        raise ConfigError(f"study {name!r} in {url} belongs to another sweep: pass the same options "
+                          "as before, or a new --study name")
+    return study
+
+
+def _sampler(spec: SweepSpec):
+    import optuna
+
+    seed = spec.fixed.get("seed", config_module.defaults()["seed"])
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # grid trials are enqueued: no sampler runs
+
+
+def distributions(spec: SweepSpec) -> dict[str, Any]:
+    import optuna.distributions as d
+
+    out: dict[str, Any] = {}
+    if spec.sampler == "grid":
+        for point in spec.points():
+            for name, value in point.items():
+                out.setdefault(name, []).append(value)
+        return {name: d.CategoricalDistribution(list(dict.fromkeys(values))) for name, values in out.items()}
+    for name, values in spec.choices.items():
+        out[name] = d.CategoricalDistribution(list(values))
+    kinds = {f.name: f.type for f in config_module.fields()}
+    for name, r in spec.ranges.items():
+        out[name] = (d.IntDistribution(int(r.low), int(r.high), log=r.log) if kinds[name] == "int"
+                     else d.FloatDistribution(r.low, r.high, log=r.log))
+    return out
+
+
+def point_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+def _skipped(trial) -> bool:
+    return "skipped" in trial.user_attrs
+
+
+def plan(study, spec: SweepSpec) -> int:
+    """Enqueue what this invocation must train; returns how many trials the sweep lacks.
+    Grid: every point without a COMPLETE, PRUNED, RUNNING or WAITING trial (so FAILED ones are
+    retried). Random/tpe: a retry of every failed trial not yet retried."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False) if not _skipped(t)]
+    if spec.sampler == "grid":
+        alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        settled = {t.user_attrs.get("point") for t in trials if t.state in alive}
+        missing = [p for p in spec.points() if point_key(p) not in settled]
+        for point in missing:
+            study.enqueue_trial(point, user_attrs={"point": point_key(point)})
+        done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        return len(spec.points()) - done
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        if t.state == TrialState.FAIL and t.number not in retried:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    return spec.n_trials - sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+
+
+def counted_trials(trials) -> list:
+    """The trials that make up the sweep: not skipped, and not a failure that was retried."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in trials if not _skipped(t)]
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    retried_points = {t.user_attrs.get("point") for t in trials if t.state != TrialState.FAIL}
+    return [t for t in trials if not (t.state == TrialState.FAIL and (
+        t.number in retried or ("point" in t.user_attrs and t.user_attrs["point"] in retried_points)))]
+
+
+def total_trials(spec: SweepSpec) -> int:
+    return len(spec.points()) if spec.sampler == "grid" else spec.n_trials
+
+
+# ---- workers ----------------------------------------------------------------------------------
+
+def _alive_here(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def is_stale(trial, stale_after: float, now: float | None = None) -> bool:
+    """A RUNNING trial nobody works on: its worker's pid is gone on this host, or its heartbeat
+    is older than stale_after seconds (a worker on another machine that died)."""
+    attrs = trial.user_attrs
+    if attrs.get("host") == socket.gethostname() and "pid" in attrs and not _alive_here(attrs["pid"]):
+        return True
+    beat = attrs.get("heartbeat", trial.datetime_start.timestamp() if trial.datetime_start else None)
+    return beat is not None and (now or time.time()) - beat > stale_after
+
+
+def take_over_stale(study, spec: SweepSpec, options: SweepOptions) -> int:
+    """End the trials of dead workers (their MLflow runs KILLED) and enqueue them again."""
+    from optuna.trial import TrialState
+
+    from alexnet_mlflow import tracking
+
+    taken = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(trial, options.stale_after):
+            continue
+        why = f"worker {trial.user_attrs.get('pid')} on {trial.user_attrs.get('host')} stopped"
+        try:
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):
+            continue  # another worker took it over first
+        if "mlflow_run_id" in trial.user_attrs:
+            tracking.end_orphaned_run(options.tracking_uri, trial.user_attrs["mlflow_run_id"], {"sweep.orphaned": why})
+        attrs = {"point": trial.user_attrs["point"]} if "point" in trial.user_attrs else {"retry_of": trial.number}
+        params = json.loads(trial.user_attrs["point"]) if "point" in trial.user_attrs else trial.params
+        study.enqueue_trial(params, user_attrs={**attrs, "takes_over": f"trial {trial.number}: {why}"})
+        taken += 1
+    return taken
+
+
+def claim(study, spec: SweepSpec):
+    """The next trial for this worker, or None when the sweep has nothing left to start."""
+    from optuna.trial import TrialState
+
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        has_waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not has_waiting and (spec.sampler == "grid" or len(counted_trials(trials)) >= spec.n_trials):
+            return None
+        trial = study.ask()
+        reason = _why_skip(study, spec, trial)
+        if reason is None:
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("pid", os.getpid())
+            trial.set_user_attr("heartbeat", time.time())
+            return trial
+        # Another process got there first: this trial is void, and excluded from all counts.
+        trial.set_user_attr("skipped", reason)
+        study.tell(trial, state=TrialState.FAIL)
+
+
+def _why_skip(study, spec: SweepSpec, trial) -> str | None:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    point = trial.user_attrs.get("point")
+    if spec.sampler == "grid":
+        if point is None:
+            return "no grid point was waiting"
+        earlier = [t for t in trials if t.number < trial.number and t.user_attrs.get("point") == point
+                   and not _skipped(t) and t.state in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                       TrialState.RUNNING, TrialState.WAITING)]
+        return f"duplicate of trial {earlier[0].number}" if earlier else None
+    if "retry_of" in trial.user_attrs:
+        return None
+    before = [t for t in counted_trials(trials) if t.number <= trial.number]
+    return "the sweep already has --n-trials trials" if len(before) > spec.n_trials else None
+
+
+class Heartbeat:
+    """Writes the time into the trial every interval, so other machines can tell it is alive."""
+
+    def __init__(self, trial, interval: float) -> None:
+        self.trial = trial
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.trial.set_user_attr("heartbeat", time.time())
+
+
+def run_trial(study, trial, spec: SweepSpec, options: SweepOptions, parent_run_id: str) -> str:
+    """Train one trial as a child MLflow run and tell Optuna how it went; returns its state."""
+    from optuna.trial import TrialState
+
+    from alexnet_mlflow import job
+
+    params = {name: _suggest(trial, name, dist) for name, dist in distributions(spec).items()}
+    config = spec.config_for(params)
+    tags = {"sweep.study": study.study_name, "sweep.trial": str(trial.number)}
+
+    def on_epoch(metrics) -> None:
+        if not spec.prune:
+            return
+        trial.report(getattr(metrics, spec.metric), metrics.epoch)
+        if trial.should_prune():
+            raise StopTraining(f"trial {trial.number} pruned at epoch {metrics.epoch}", "KILLED",
+                               {"pruned": "true", "pruned_at_epoch": str(metrics.epoch)})
+
+    name = config.run_name() + (f"-seed{config.seed}" if "seed" in params else "") + f"-t{trial.number}"
+    with Heartbeat(trial, options.stale_after / 4):
+        try:
+            outcome = job.train_and_track(
+                config, options.experiment, options.tracking_uri, name, parent_run_id=parent_run_id, tags=tags,
+                on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id), on_epoch=on_epoch,
+            )
+        except StopTraining:
+            study.tell(trial, state=TrialState.PRUNED)
+            return "PRUNED"
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception as e:  # noqa: BLE001 (a failed trial is recorded, and retried by a rerun)
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
+            study.tell(trial, state=TrialState.FAIL)
+            return "FAIL"
+    study.tell(trial, trial_value(outcome.result, spec.metric))
+    return "COMPLETE"
+
+
+def _suggest(trial, name: str, distribution) -> Any:
+    import optuna.distributions as d
+
+    if isinstance(distribution, d.CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    if isinstance(distribution, d.IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, log=distribution.log)
+    return trial.suggest_float(name, distribution.low, distribution.high, log=distribution.log)
+
+
+def trial_value(result, metric: str) -> float:
+    if metric in EPOCH_METRICS:
+        return float(getattr(result.history[-1], metric))
+    values = {"best_val_loss": result.best.val_loss, "best_val_acc": result.best.val_acc,
+              "best_epoch": result.best.epoch, "test_loss": result.test_loss, "test_acc": result.test_acc}
+    if values[metric] is None:
+        raise UserError(f"metric {metric!r} was not logged: the data has no test split; use --metric val_loss")
+    return float(values[metric])
+
+
+def work(spec: SweepSpec, options: SweepOptions, parent_run_id: str, on_idle: Callable[[], None] = lambda: None) -> int:
+    """One worker: take trials until none is left to start and none runs anywhere; returns how
+    many it trained. Waiting for other workers' trials lets it take over those whose worker dies."""
+    from optuna.trial import TrialState
+
+    study = open_study(spec, options)
+    trained = 0
+    while True:
+        trial = claim(study, spec)
+        if trial is not None:
+            run_trial(study, trial, spec, options, parent_run_id)
+            trained += 1
+            continue
+        if take_over_stale(study, spec, options):
+            continue
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return trained
+        on_idle()
+        time.sleep(POLL_SECONDS)
+
+
+def _worker_process(spec: SweepSpec, options: SweepOptions, parent_run_id: str, threads: int, queue) -> None:
+    """Entry point of a spawned worker process."""
+    os.environ.pop("MLFLOW_RUN_ID", None)  # the parent's `mlflow run` id: children are new runs
+    try:
+        import torch
+
+        torch.set_num_threads(threads)  # N workers share the cores instead of oversubscribing them
+        queue.put(work(spec, options, parent_run_id))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+# ---- one sweep, end to end --------------------------------------------------------------------
+
+def run_sweep(spec: SweepSpec, options: SweepOptions,
+              on_progress: Callable[[dict[str, int], int], None] = lambda states, total: None,
+              ) -> tuple[list[Table], SweepOutcome]:
+    """Plan, start the workers, follow them, and close the parent run with the best trial.
+    Returns the summary tables (ranking; for grids with seeds or presets, epochs and groups)."""
+    import multiprocessing
+
+    from alexnet_mlflow import tracking
+
+    tracking.check_tracking_uri(options.tracking_uri)
+    study = open_study(spec, options)
+    plan(study, spec)
+    parent_run_id, experiment = tracking.open_sweep_parent(
+        options.tracking_uri, options.experiment, study.user_attrs.get("mlflow_parent_run_id"),
+        study.study_name,
+        {"sweep.study": study.study_name, "sweep.storage": tracking.redact_uri(_storage_url(options)),
+         "sweep.sampler": spec.sampler, "sweep.trials": str(total_trials(spec))},
+    )
+    study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+    options = replace(options, experiment=experiment)
+    context = multiprocessing.get_context("spawn")  # fork after importing torch is unsafe
+    queue = context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // options.workers)
+    workers = [context.Process(target=_worker_process, args=(spec, options, parent_run_id, threads, queue))
+               for _ in range(options.workers)]
+    try:
+        for w in workers:
+            w.start()
+        while any(w.is_alive() for w in workers):
+            on_progress(state_counts(study), total_trials(spec))
+            for w in workers:
+                w.join(timeout=POLL_SECONDS / len(workers))
+    except KeyboardInterrupt:
+        for w in workers:  # they got the same Ctrl-C: each ends its run KILLED and exits
+            w.join(timeout=60)
+        tracking.close_sweep_parent(options.tracking_uri, parent_run_id, "KILLED", {}, 0,
+                                    {"sweep.interrupted": "true"}, {})
+        raise
+    trained = 0
+    while not queue.empty():
+        trained += queue.get()
+    return finish(study, spec, options, parent_run_id, trained, [w.exitcode for w in workers])
+
+
+def _storage_url(options: SweepOptions) -> str:
+    return options.storage or default_storage(options.tracking_uri)
+
+
+def state_counts(study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in counted_trials(study.get_trials(deepcopy=False)):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def finish(study, spec: SweepSpec, options: SweepOptions, parent_run_id: str, trained: int,
+           exit_codes: list[int | None]) -> tuple[list[Table], SweepOutcome]:
+    """Close the parent run with the best trial and the summary tables (also returned)."""
+    from optuna.trial import TrialState
+
+    from alexnet_mlflow import render, tracking
+
+    trials = counted_trials(study.get_trials(deepcopy=False))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    done = complete + [t for t in trials if t.state == TrialState.PRUNED]
+    missing = max(0, total_trials(spec) - len(done))
+    best = (max if spec.descending else min)(complete, key=lambda t: t.value, default=None)
+    metrics = {f"best_{spec.metric}": best.value} if best else {}
+    tags = {"sweep.best_trial": str(best.number), "sweep.best_run_id": best.user_attrs.get("mlflow_run_id", "")} if best else {}
+    if any(code not in (0, None) for code in exit_codes):
+        tags["sweep.worker_exit_codes"] = ",".join(str(c) for c in exit_codes)
+    status = "FINISHED" if missing == 0 else "FAILED"
+    tables = summary_tables(spec, parent_run_id, options)
+    texts = {f"summary/{i}-{t.title.split(',')[0].replace(' ', '_')}.md": render.to_markdown(t)
+             for i, t in enumerate(tables, start=1)}
+    tracking.close_sweep_parent(options.tracking_uri, parent_run_id, status, metrics, len(done), tags, texts)
+    return tables, SweepOutcome(
+        study=study.study_name, storage=tracking.redact_uri(_storage_url(options)), parent_run_id=parent_run_id,
+        experiment=options.experiment, trained=trained, states=state_counts(study),
+        best_run_id=best.user_attrs.get("mlflow_run_id") if best else None,
+        best_value=best.value if best else None, missing=missing,
+    )
+
+
+def summary_tables(spec: SweepSpec, parent_run_id: str, options: SweepOptions) -> list[Table]:
+    """The sweep's FINISHED children ranked by the metric; for a grid with configurations or
+    seeds also the report-style epoch table and mean ± std over seeds, per configuration."""
+    from alexnet_mlflow import compare
+
+    swept = [p for p in spec.swept if p not in KEY_PARAMS]
+    query = CompareQuery(metric=spec.metric, experiments=(options.experiment,), parent=parent_run_id,
+                         params=KEY_PARAMS + tuple(swept))
+    try:
+        ranked = compare.ranked_runs(query, options.tracking_uri)
+    except UserError:
+        return []  # no child finished: the outcome line says what happened
+    tables = [compare.ranking_table(query, ranked)]
+    configuration = tuple(p for p in spec.swept if p != "seed")
+    if spec.sampler == "grid" and configuration and (spec.seeds > 1 or spec.configurations):
+        epochs = spec.fixed.get("epochs", config_module.defaults()["epochs"])
+        grouped = replace(query, group_by=configuration, epochs=tuple(e for e in REPORT_EPOCHS if e <= epochs) or (epochs,))
+        tables.append(compare.group_epoch_table(grouped, ranked, options.tracking_uri))
+        tables.append(compare.group_table(replace(grouped, epochs=()), compare.groups(grouped, ranked)))
+    return tables
