@@ -18,8 +18,8 @@ from alexnet_mlflow import compare as compare_defaults  # imports no torch and n
 from alexnet_mlflow import config as config_module
 from alexnet_mlflow import sweep as sweep_defaults  # imports no torch, optuna or mlflow
 from alexnet_mlflow.config import TrainConfig
-from alexnet_mlflow.errors import ConfigError, UserError
-from alexnet_mlflow.tracking import DEFAULT_EXPERIMENT, redact_uri  # mlflow is imported lazily there
+from alexnet_mlflow.errors import ConfigError, Terminated, UserError
+from alexnet_mlflow.tracking import DEFAULT_EXPERIMENT, SYNC_TIMEOUT_S, redact_uri  # mlflow is imported lazily there
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -98,6 +98,11 @@ def _is_integral(text: str) -> bool:
         return False
 
 
+SyncTimeout = Annotated[float, typer.Option(
+    help="At the end, seconds to keep trying an absent tracking server; then `alexnet-mlflow sync` sends the rest.",
+    rich_help_panel="Tracking", parser=_number_parser(float), metavar="SECONDS")]
+
+
 @app.command()
 @with_config_options
 def train(
@@ -107,8 +112,12 @@ def train(
     run_name: RunName = None,
     quiet: Quiet = False,
     dry_run: DryRun = False,
+    resume: Annotated[Optional[str], typer.Option(
+        metavar="RUN_ID", help="Continue this killed or interrupted run from its last checkpoint, with its own "
+        "parameters (training options are ignored).", rich_help_panel="Tracking")] = None,
+    sync_timeout: SyncTimeout = SYNC_TIMEOUT_S,
 ) -> None:
-    """Train AlexNet and log the run (params, per-epoch metrics, model, plots) to MLflow."""
+    """Train AlexNet and log the run (params, per-epoch metrics, checkpoints, model, plots) to MLflow."""
     from alexnet_mlflow import job
     from alexnet_mlflow.progress import RichProgress
 
@@ -116,11 +125,14 @@ def train(
         summary = job.dry_run(config, tracking_uri)
         typer.echo(f"dry run ok: {summary}")
         return
-    if quiet:
-        outcome = job.train_and_track(config, experiment, tracking_uri, run_name)
+    if resume:
+        outcome = job.resume_and_track(resume, tracking_uri, None if quiet else RichProgress, sync_timeout)
+    elif quiet:
+        outcome = job.train_and_track(config, experiment, tracking_uri, run_name, sync_timeout=sync_timeout)
     else:
         with RichProgress(config.epochs) as progress:
-            outcome = job.train_and_track(config, experiment, tracking_uri, run_name, progress)
+            outcome = job.train_and_track(config, experiment, tracking_uri, run_name, progress,
+                                          sync_timeout=sync_timeout)
     result = outcome.result
     test = (f"test_loss {result.test_loss:.4f} test_acc {result.test_acc:.4f}" if result.test_acc is not None
             else "no test split: test metrics not logged")
@@ -129,6 +141,33 @@ def train(
         f"best epoch {result.best.epoch}: val_loss {result.best.val_loss:.4f} val_acc {result.best.val_acc:.4f}; "
         f"{test}\nmodel: {outcome.model_uri}"
     )
+    if outcome.undelivered:
+        typer.echo(f"alexnet-mlflow: warning: the tracking server did not answer for {sync_timeout:g} s: "
+                   f"{outcome.undelivered} logged item(s) wait on this machine; run `alexnet-mlflow sync` "
+                   "when it is back", err=True)
+
+
+@app.command()
+def sync(
+    tracking_uri: Annotated[Optional[str], typer.Option(
+        show_default="each run's own", help="Send to this server instead.", rich_help_panel="Tracking")] = None,
+    timeout: Annotated[float, typer.Option(
+        help="Seconds to keep trying while the server does not answer.", parser=_number_parser(float),
+        metavar="SECONDS")] = 0.0,
+) -> None:
+    """Send what training logged while the tracking server was away (metrics, tags, artifacts, status)."""
+    from alexnet_mlflow import render, tracking
+    from alexnet_mlflow.compare import Table
+
+    results = tracking.sync(tracking_uri, timeout)
+    if not results:
+        typer.echo("nothing to sync: every run's journal was delivered")
+        return
+    render.print_rich(Table("journals", ("run_id", "tracking_uri", "delivered", "pending"),
+                            tuple((r.run_id, r.tracking_uri, r.delivered, r.pending) for r in results)))
+    pending = sum(r.pending for r in results)
+    if pending:
+        _fail(f"{pending} item(s) still pending: the server does not answer; run sync again when it does", 1)
 
 
 def _split(items: list[str] | None) -> tuple[str, ...]:
@@ -359,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e), 2)
     except (typer.Abort, KeyboardInterrupt):
         code = 130
+    except Terminated:
+        _fail("terminated (SIGTERM): the run was ended KILLED; `alexnet-mlflow train --resume RUN_ID` continues it", 143)
     if code == 130:  # typer turns Ctrl-C into exit code 130; the run has been ended KILLED
         _fail("interrupted", 130)
     sys.exit(code if isinstance(code, int) else 0)

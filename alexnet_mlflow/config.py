@@ -54,6 +54,8 @@ class TrainConfig:
     seed: int = _param(0, "Seed for weights, the validation split, shuffling and augmentation.")
     device: str = _param("auto", "auto picks cuda, then mps, then cpu.", DEVICES)
     precision: str = _param("auto", "auto = bf16 autocast on CUDA, fp32 elsewhere.", PRECISIONS)
+    chance_warn_epochs: int = _param(
+        5, "Tag the run with a warning when val_acc stays at chance level (1/classes + 0.01) this many epochs (0 = never).")
 
     def __post_init__(self) -> None:
         for f in fields():
@@ -72,6 +74,7 @@ class TrainConfig:
         _require(self.lr_patience >= 0, "lr_patience", self.lr_patience, "an integer >= 0")
         _require(self.crop_padding >= 0, "crop_padding", self.crop_padding, "an integer >= 0")
         _require(self.norm_std > 0, "norm_std", self.norm_std, "a number > 0")
+        _require(self.chance_warn_epochs >= 0, "chance_warn_epochs", self.chance_warn_epochs, "an integer >= 0")
 
     def as_params(self) -> dict[str, str]:
         """Every field as the string MLflow stores; the same spelling as MLproject's defaults."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from alexnet_mlflow.config import TrainConfig
 from alexnet_mlflow.data import Splits, augment
-from alexnet_mlflow.errors import ConfigError
+from alexnet_mlflow.errors import ConfigError, NonFiniteLoss
 from alexnet_mlflow.model import build_model
 
 EVAL_BATCH = 500  # no gradients, so larger batches than training: fewer Python round trips
@@ -102,8 +102,15 @@ def train(
     device: torch.device,
     on_epoch: Callable[[EpochMetrics], None] = lambda m: None,
     progress: Progress | None = None,
+    on_checkpoint: Callable[[dict, bool], None] = lambda state, is_best: None,
+    resume: dict | None = None,
 ) -> TrainResult:
-    """Train for config.epochs, then evaluate on the test split. Same seed, same numbers (on CPU)."""
+    """Train for config.epochs, then evaluate on the test split. Same seed, same numbers (on CPU).
+
+    After each epoch `on_checkpoint` gets everything needed to continue exactly (weights,
+    optimizer, scheduler, RNG states, history), before `on_epoch` sees the metrics; `resume`
+    takes such a state and continues with the next epoch, as if never stopped.
+    """
     progress = progress or NoProgress()
     torch.manual_seed(config.seed)
     splits = splits.to(device)  # the whole uint8 dataset lives on the device: ~150 MB for CIFAR-10
@@ -120,10 +127,19 @@ def train(
     gen = torch.Generator(device=device).manual_seed(config.seed)
 
     history: list[EpochMetrics] = []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])  # dropout masks
+        gen.set_state(resume["generator"])  # shuffling and augmentation
+        if device.type == "cuda" and "cuda_rng" in resume:
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
+        history = [EpochMetrics(**m) for m in resume["history"]]
     train_images, train_labels = splits.train
     n = len(train_labels)
     n_batches = -(-n // config.batch_size)
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(len(history) + 1, config.epochs + 1):
         progress.start_epoch(epoch, n_batches)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
@@ -139,6 +155,8 @@ def train(
             with autocast():
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), labels)
+            if not torch.isfinite(loss):  # stop at once: every later step would be NaN too
+                raise NonFiniteLoss(loss.item(), epoch, i + 1, optimizer.param_groups[0]["lr"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -161,7 +179,9 @@ def train(
             epoch_seconds=time.perf_counter() - start,
             images_per_second=n / train_seconds,
         )
+        is_best = all(metrics.val_loss < m.val_loss for m in history)
         history.append(metrics)
+        on_checkpoint(_state(model, optimizer, scheduler, gen, history, device), is_best)
         progress.end_epoch(metrics)
         on_epoch(metrics)
 
@@ -170,6 +190,39 @@ def train(
     test_loss, test_acc, predictions = evaluate(model, *splits.test, autocast, channels_last)
     confusion = _confusion(splits.test[1], predictions, len(splits.classes))
     return TrainResult(model, history, test_loss, test_acc, confusion, device)
+
+
+def _state(model, optimizer, scheduler, gen, history: list[EpochMetrics], device: torch.device) -> dict:
+    state = {
+        "epoch": history[-1].epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "generator": gen.get_state(),
+        "history": [vars(m) for m in history],
+    }
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Atomically: a kill while writing leaves the previous checkpoint whole."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path) -> dict:
+    # weights_only: tensors and plain containers only, no pickled code runs on load.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def stuck_at_chance(history: list[EpochMetrics], classes: int, epochs: int, margin: float = 0.01) -> bool:
+    """val_acc within `margin` of guessing (1/classes) for the last `epochs` epochs."""
+    recent = history[-epochs:] if epochs > 0 else []
+    return len(recent) == epochs > 0 and all(m.val_acc <= 1 / classes + margin for m in recent)
 
 
 @torch.no_grad()

@@ -27,3 +27,19 @@ class StopTraining(Exception):
         super().__init__(message)
         self.status = status
         self.tags = tags
+
+
+class NonFiniteLoss(StopTraining, UserError):
+    """The training loss became NaN or infinite: training stops at once and the run ends FAILED."""
+
+    def __init__(self, value: float, epoch: int, step: int, lr: float) -> None:
+        super().__init__(
+            f"loss became {value} at epoch {epoch}, step {step}: lower --lr (it was {lr:g}) or try another --activation",
+            "FAILED", {"nonfinite_loss": f"{value} at epoch {epoch}, step {step}",
+                       "nonfinite_epoch": str(epoch), "nonfinite_step": str(step)},
+        )
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where training is, so the run ends KILLED like on Ctrl-C (exit code 143).
+    A BaseException, as KeyboardInterrupt is: `except Exception` must not swallow it."""

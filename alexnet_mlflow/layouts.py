@@ -228,15 +228,27 @@ def _read_split(folder: Path, classes: list[str], skip_bad_images: bool) -> tupl
     return (torch.from_numpy(np.ascontiguousarray(stacked)), torch.from_numpy(labels)), len(files) - len(kept)
 
 
+def to_cifar_pixels(image) -> tuple[np.ndarray, str]:
+    """A PIL image as CIFAR-10 pixels, (32, 32, 3) uint8 RGB, and a note of what was changed.
+    Training data and `predict` share it, so both see images prepared the same way."""
+    from PIL import Image
+
+    notes = []
+    if image.mode != "RGB":
+        notes.append(f"{image.mode} -> RGB")
+        image = image.convert("RGB")
+    if image.size != (32, 32):  # exports of other sizes, photos: CIFAR-10 is 32x32
+        notes.append(f"resized from {image.size[0]}x{image.size[1]} to 32x32")
+        image = image.resize((32, 32), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8), "; ".join(notes)
+
+
 def _decode_image(path: Path, skip_bad_images: bool) -> np.ndarray | None:
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != (32, 32):  # exports of other sizes: CIFAR-10 is 32x32
-                image = image.resize((32, 32), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+            return to_cifar_pixels(image)[0]
     except Exception as e:  # PIL raises OSError for truncated files, UnidentifiedImageError for others
         if skip_bad_images:
             return None

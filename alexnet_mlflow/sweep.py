@@ -38,7 +38,7 @@ from alexnet_mlflow.compare import (
     descending_by_default,
 )
 from alexnet_mlflow.config import TrainConfig
-from alexnet_mlflow.errors import ConfigError, StopTraining, UserError
+from alexnet_mlflow.errors import ConfigError, StopTraining, Terminated, UserError
 
 SAMPLERS = ("grid", "random", "tpe")
 PRESETS = ("report",)
@@ -463,6 +463,10 @@ def _why_skip(study, spec: SweepSpec, trial) -> str | None:
     return "the sweep already has --n-trials trials" if len(before) > spec.n_trials else None
 
 
+class TrialPruned(StopTraining):
+    """Optuna's pruner stopped the trial: its run ends KILLED, tagged with the epoch."""
+
+
 class Heartbeat:
     """Writes the time into the trial every interval, so other machines can tell it is alive."""
 
@@ -500,7 +504,7 @@ def run_trial(study, trial, spec: SweepSpec, options: SweepOptions, parent_run_i
             return
         trial.report(getattr(metrics, spec.metric), metrics.epoch)
         if trial.should_prune():
-            raise StopTraining(f"trial {trial.number} pruned at epoch {metrics.epoch}", "KILLED",
+            raise TrialPruned(f"trial {trial.number} pruned at epoch {metrics.epoch}", "KILLED",
                                {"pruned": "true", "pruned_at_epoch": str(metrics.epoch)})
 
     name = config.run_name() + (f"-seed{config.seed}" if "seed" in params else "") + f"-t{trial.number}"
@@ -509,11 +513,12 @@ def run_trial(study, trial, spec: SweepSpec, options: SweepOptions, parent_run_i
             outcome = job.train_and_track(
                 config, options.experiment, options.tracking_uri, name, parent_run_id=parent_run_id, tags=tags,
                 on_start=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id), on_epoch=on_epoch,
+                checkpoints=False,  # a dead worker's trial is rerun from its start, not resumed
             )
-        except StopTraining:
+        except TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             return "PRUNED"
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated):
             study.tell(trial, state=TrialState.FAIL)
             raise
         except Exception as e:  # noqa: BLE001 (a failed trial is recorded, and retried by a rerun)

@@ -7,17 +7,21 @@ params that `mlflow run` already logged are not logged again in another spelling
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, replace
 
-from alexnet_mlflow.errors import StopTraining, TrackingError
+from alexnet_mlflow.errors import StopTraining, Terminated, TrackingError
+from alexnet_mlflow.journal import Journal, Unreachable
 
 DEFAULT_EXPERIMENT = "alexnet-cifar10"
+SYNC_TIMEOUT_S = 120.0  # at the end, how long to wait for an absent server before leaving it to `sync`
 HEALTH_TIMEOUT_S = 5  # a live server answers /health in milliseconds; MLflow's own client retries ~4 min
 
 
@@ -40,37 +44,79 @@ def check_tracking_uri(uri: str | None) -> None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):
             pass
     except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            return  # a secured server answers; the credentials are checked on first use
-        raise TrackingError(f"tracking server {redact_uri(uri)} answered {e.code} to /health: is it an MLflow server?") from None
+        if e.code not in (401, 403):  # 401/403: a secured server answers; credentials are checked below
+            raise TrackingError(f"tracking server {redact_uri(uri)} answered {e.code} to /health: is it an MLflow server?") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise TrackingError(
             f"tracking server {redact_uri(uri)} does not answer ({reason}): start it with "
             f"`mlflow server --host 127.0.0.1 --port 5000`, or pass another --tracking-uri"
         ) from None
+    _check_credentials(uri)
+
+
+def _check_credentials(uri: str) -> None:
+    """One authenticated request, so wrong credentials are one line now, not an error (or
+    MLflow's retries) in the middle of a run. /health answers without credentials."""
+    import base64
+
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            given = "the credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD were refused" \
+                if os.environ.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_TOKEN") \
+                else "it needs credentials"
+            raise TrackingError(f"tracking server {redact_uri(uri)} answered {e.code}: {given}; set "
+                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server") from None
+    except (urllib.error.URLError, OSError):
+        pass  # it answered /health a moment ago; a real outage shows up (and is journaled) later
 
 
 class TrackedRun:
-    """One training's MLflow run. Use as `with TrackedRun(...) as run:`."""
+    """One training's MLflow run. Use as `with TrackedRun(...) as run:`.
+
+    The run starts against a live server (checked before). From then on every call goes through
+    a local journal (see journal.py): if the server goes away, training goes on, and what it
+    logs is delivered, in order, when the server is back, or at the end within `sync_timeout`
+    seconds, or later by `alexnet-mlflow sync`.
+    """
 
     def __init__(self, config, experiment: str, tracking_uri: str | None, run_name: str | None = None,
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None):
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 resume_run_id: str | None = None, sync_timeout: float = SYNC_TIMEOUT_S):
         self.config = config
         self.experiment = experiment
         self.tracking_uri = tracking_uri
         self.run_name = run_name or config.run_name()
         self.parent_run_id = parent_run_id  # a sweep's parent: this run is one of its trials
+        self.resume_run_id = resume_run_id  # continue this run (train --resume)
         self.tags = tags or {}
+        self.sync_timeout = sync_timeout
         self.run_id: str | None = None
+        self.undelivered = 0  # journal entries still pending when the run ended
 
     def __enter__(self) -> "TrackedRun":
         import mlflow
 
+        # A dead server must cost a second, not MLflow's ~4 minutes of retries: the journal
+        # retries instead, without holding up training.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         if self.tracking_uri:
             mlflow.set_tracking_uri(self.tracking_uri)
         project_run_id = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`
-        if self.parent_run_id:  # a child lives in its parent's experiment, whatever it is named
+        if self.resume_run_id:
+            run = mlflow.start_run(run_id=self.resume_run_id)
+            self.run_name = run.info.run_name
+        elif self.parent_run_id:  # a child lives in its parent's experiment, whatever it is named
             experiment_id = mlflow.MlflowClient().get_run(self.parent_run_id).info.experiment_id
             run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name,
                                    parent_run_id=self.parent_run_id, tags=self.tags)
@@ -83,9 +129,12 @@ class TrackedRun:
             run = mlflow.start_run(run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         self.experiment = mlflow.get_experiment(run.info.experiment_id).name  # mlflow run's, if it chose
-        already_logged = run.data.params
-        mlflow.log_params({k: v for k, v in self.config.as_params().items() if k not in already_logged})
-        mlflow.log_dict(asdict(self.config), "config.json")
+        self.client = mlflow.MlflowClient(self.tracking_uri)
+        self.journal = Journal.create(self.run_id, self.tracking_uri)
+        if not self.resume_run_id:
+            already_logged = run.data.params
+            mlflow.log_params({k: v for k, v in self.config.as_params().items() if k not in already_logged})
+            mlflow.log_dict(asdict(self.config), "config.json")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -94,13 +143,30 @@ class TrackedRun:
         if exc_type is None:
             status = "FINISHED"
         elif issubclass(exc_type, StopTraining):
-            mlflow.set_tags(exc.tags)
+            self.set_tags(exc.tags)
             status = exc.status
-        elif issubclass(exc_type, KeyboardInterrupt):
+        elif issubclass(exc_type, (KeyboardInterrupt, Terminated)):
             status = "KILLED"
         else:
             status = "FAILED"
-        mlflow.end_run(status)
+        self.journal.append("end", status=status)
+        self.undelivered = self.flush(self.sync_timeout)
+        if self.undelivered == 0:
+            self.journal.remove()
+        try:
+            mlflow.end_run(status)  # pops the active run; the journal already set the status
+        except Exception:  # noqa: BLE001 (the server is away: the journal keeps the status for sync)
+            pass
+
+    # -- everything below goes through the journal
+
+    def flush(self, timeout: float = 0.0) -> int:
+        """Deliver what is pending; returns how many entries are still pending."""
+        return self.journal.deliver(lambda entry: send_entry(self.client, self.run_id, entry), timeout)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.journal.append("tags", values=tags)
+        self.flush()
 
     def log_environment(self, device_name: str, dataset_name: str, images) -> None:
         """Versions, device and the dataset: which data, in which layout, with a digest of its
@@ -140,16 +206,24 @@ class TrackedRun:
 
     def log_epoch(self, metrics) -> None:
         """The training loop's on_epoch callback: one point per metric, step = epoch."""
-        import mlflow
-
         values = asdict(metrics)
         step = values.pop("epoch")
-        mlflow.log_metrics(values, step=step)
+        self.journal.append("metrics", step=step, values=values)
+        self.flush()
+
+    def log_past_epochs(self, history) -> None:
+        """On resume: the checkpoint's epochs that the server lacks (killed after the checkpoint
+        was written, before its metrics were sent). Epochs it has are not sent again."""
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_loss")}
+        for metrics in history:
+            if metrics.epoch not in logged:
+                self.log_epoch(metrics)
+
+    def log_checkpoint(self, path) -> None:
+        self.journal.append("artifact", path=str(path), artifact_path="checkpoints")
 
     def log_result(self, result, classes) -> str:
         """Final metrics, figures and the model; returns the model's URI."""
-        import mlflow
-
         from alexnet_mlflow import plots
 
         step = result.history[-1].epoch
@@ -157,11 +231,14 @@ class TrackedRun:
                  "best_epoch": result.best.epoch}
         if result.test_acc is not None:
             final |= {"test_loss": result.test_loss, "test_acc": result.test_acc}
-        mlflow.log_metrics(final, step=step)
-        mlflow.log_figure(plots.curves_figure(result.history, self.run_name), "curves.png")
+        self.journal.append("metrics", step=step, values=final)
+        figures = {"curves.png": plots.curves_figure(result.history, self.run_name)}
         if result.confusion is not None:
-            mlflow.log_figure(plots.confusion_figure(result.confusion, classes, f"test split, {self.run_name}"),
-                              "confusion_matrix.png")
+            figures["confusion_matrix.png"] = plots.confusion_figure(
+                result.confusion, classes, f"test split, {self.run_name}")
+        for name, figure in figures.items():
+            figure.savefig(self.journal.files / name, dpi=100)
+            self.journal.append("artifact", path=str(self.journal.files / name), artifact_path=None)
         self._log_model(result.model)
         return f"runs:/{self.run_id}/model"
 
@@ -178,18 +255,127 @@ class TrackedRun:
 
         # A CPU, fp32, NCHW copy in eval mode: it serves anywhere, with dropout off.
         model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
-        signature = ModelSignature(
-            # Unnamed specs: a named one makes serving pass a dict, which the pytorch flavor refuses.
-            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *IMAGE_SHAPE))]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
-        )
-        # pt2 (torch.export) is MLflow's default and needs an example with batch >= 2 to keep
-        # the batch dimension dynamic; it loads without our code and without unpickling.
-        example = np.zeros((2, *IMAGE_SHAPE), dtype=np.uint8)
-        mlflow.pytorch.log_model(
-            model, name="model", signature=signature, input_example=example,
+        kwargs = dict(
+            signature=ModelSignature(
+                # Unnamed specs: a named one makes serving pass a dict, which the pytorch flavor refuses.
+                inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *IMAGE_SHAPE))]),
+                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
+            ),
+            # pt2 (torch.export) is MLflow's default and needs an example with batch >= 2 to keep
+            # the batch dimension dynamic; it loads without our code and without unpickling.
+            input_example=np.zeros((2, *IMAGE_SHAPE), dtype=np.uint8),
             pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
         )
+        if self.flush() == 0:
+            try:
+                mlflow.pytorch.log_model(model, name="model", **kwargs)
+                return
+            except Exception as e:  # noqa: BLE001
+                if not unreachable(e):
+                    raise
+        # The server is away: save the same model here and send its files when it is back.
+        folder = self.journal.files / "model"
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        mlflow.pytorch.save_model(model, folder, **kwargs)
+        self.journal.append("artifact", path=str(folder), artifact_path="model")
+
+
+def unreachable(error: BaseException) -> bool:
+    """The server did not answer, or answered that it is overloaded or restarting: try later.
+    Any other answer (bad request, wrong password) is an error of its own."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(error, RestException):
+        return error.get_http_status_code() in (429, 500, 502, 503, 504)
+    if isinstance(error, MlflowException):
+        return "API request to" in str(error) or "Max retries exceeded" in str(error)
+    return isinstance(error, OSError)
+
+
+def send_entry(client, run_id: str, entry: dict) -> None:
+    """Deliver one journal entry; Unreachable when the server is away."""
+    from mlflow.entities import Metric, RunTag
+
+    try:
+        kind = entry["kind"]
+        if kind == "metrics":
+            client.log_batch(run_id, metrics=[Metric(k, float(v), entry["timestamp"], entry["step"])
+                                              for k, v in entry["values"].items()])
+        elif kind == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in entry["values"].items()])
+        elif kind == "artifact":
+            path = entry["path"]
+            if os.path.isdir(path):
+                client.log_artifacts(run_id, path, entry["artifact_path"])
+            elif os.path.exists(path):  # a checkpoint replaced since: its newer version went up
+                client.log_artifact(run_id, path, entry["artifact_path"])
+        elif kind == "end":
+            client.set_terminated(run_id, entry["status"], end_time=entry["timestamp"])
+    except Exception as e:  # noqa: BLE001
+        if unreachable(e):
+            raise Unreachable(str(e)) from None
+        raise
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    run_id: str
+    tracking_uri: str
+    delivered: int
+    pending: int
+
+
+def sync(tracking_uri: str | None = None, timeout: float = 0.0) -> list[SyncResult]:
+    """Deliver every journal that training left undelivered (the server was away)."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    results = []
+    for journal in Journal.all():
+        uri = tracking_uri or journal.meta["tracking_uri"]
+        client = mlflow.MlflowClient(uri)
+        before = journal.pending()
+        pending = journal.deliver(lambda entry, c=client, j=journal: send_entry(c, j.run_id, entry), timeout)
+        results.append(SyncResult(journal.run_id, redact_uri(uri), before - pending, pending))
+        if pending == 0:
+            journal.remove()
+    return results
+
+
+def load_resume_point(run_id: str, tracking_uri: str | None, checkpoint_dir) -> tuple[dict, str]:
+    """The run's config (its config.json artifact) and the path of its last checkpoint: the
+    local one if this machine wrote it, else the logged artifact. Pending journal entries of
+    the run are delivered first, so the server holds everything the killed process logged."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from alexnet_mlflow.errors import ConfigError
+
+    check_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    for journal in Journal.all():
+        if journal.run_id == run_id and journal.deliver(lambda e, j=journal: send_entry(client, run_id, e), 30) == 0:
+            journal.remove()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"run {run_id!r} not found at {redact_uri(tracking_uri)}: pass the id of a run "
+                          "there (alexnet-mlflow compare --all lists them)") from None
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {run_id} already FINISHED: there is nothing to resume")
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads(Path(client.download_artifacts(run_id, "config.json", str(checkpoint_dir))).read_text())
+    local = checkpoint_dir / "last.pt"
+    if local.exists():
+        return config, str(local)
+    try:  # this machine did not write it: the logged one
+        return config, client.download_artifacts(run_id, "checkpoints/last.pt", str(checkpoint_dir))
+    except (MlflowException, OSError):
+        raise ConfigError(f"run {run_id} has no checkpoint: it did not finish an epoch; start a new run") from None
+
 
 
 # ---- sweeps: the parent run, and runs a dead worker left behind ---------------------------------

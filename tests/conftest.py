@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,31 +43,53 @@ def _healthy(url: str) -> bool:
         return False
 
 
+class MlflowServer:
+    """A real `mlflow server` process on 127.0.0.1 with its own sqlite store and proxied
+    artifacts; it can be killed and started again on the same store and port."""
+
+    def __init__(self, root: Path, app_name: str | None = None, env: dict[str, str] | None = None):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app_name = app_name
+        self.env = env
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> str:
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                   "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+        if self.app_name:
+            command += ["--app-name", self.app_name]
+        with open(self.root / "server.log", "a") as log:
+            # Its own process group: stop() ends the server's workers too, freeing the port.
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                            env={**os.environ, **(self.env or {})}, start_new_session=True)
+        # ~10 s to create the schema and start; a cold machine can take longer.
+        wait_until(lambda: _healthy(self.url) or self.process.poll() is not None, 120, "mlflow server /health")
+        assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
+        return self.url
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        wait_until(lambda: not _healthy(self.url), 20, "the server to stop answering")
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real tracking server with its own sqlite store and proxied artifact store."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root,
-    )
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        # ~10 s to create the schema and start; a cold machine can take longer.
-        wait_until(lambda: _healthy(url) or process.poll() is not None, 120, "mlflow server /health")
-        assert process.poll() is None, (root / "server.log").read_text()
-        yield url
+        yield server.start()
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        server.stop()
 
 
 @pytest.fixture
@@ -151,7 +174,7 @@ def assert_complete_run(tracking_uri: str, run_id: str, epochs: int, params: dic
     assert [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs] == \
         [("synthetic-synthetic", tags["dataset_digest"])]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"curves.png", "confusion_matrix.png", "config.json"} <= artifacts
+    assert {"curves.png", "confusion_matrix.png", "config.json", "checkpoints"} <= artifacts
     # The logged model takes raw uint8 images and carries the training's normalisation.
     previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)  # runs:/ URIs resolve against the global URI

@@ -10,7 +10,7 @@ from alexnet_mlflow.errors import TrackingError
 from alexnet_mlflow.tracking import TrackedRun, check_tracking_uri, redact_uri
 from conftest import assert_complete_run, cli_env, free_port, run_cli, wait_until
 
-SYNTHETIC_2 = {"dataset": "synthetic", "epochs": "2", "activation": "relu", "lr": "0.0001", "batch_size": "64",
+SYNTHETIC_2 = {"dataset": "synthetic", "epochs": "2", "activation": "relu", "lr": "0.0001", "batch_size": "256",
                "dropout": "0.8", "batch_norm": "false", "hflip": "true", "data_dir": "auto", "seed": "0"}
 
 
@@ -21,7 +21,7 @@ def only_run(client, experiment: str):
 
 
 def test_train_logs_a_complete_run_to_the_default_sqlite_store(workdir):
-    result = run_cli("train", "--dataset", "synthetic", "--epochs", "2", "--quiet", cwd=workdir)
+    result = run_cli("train", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "256", "--quiet", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert (workdir / "mlflow.db").exists()  # MLflow's embedded default, no server
     uri = f"sqlite:///{workdir}/mlflow.db"
