@@ -116,6 +116,9 @@ def train(
         metavar="RUN_ID", help="Continue this killed or interrupted run from its last checkpoint, with its own "
         "parameters (training options are ignored).", rich_help_panel="Tracking")] = None,
     sync_timeout: SyncTimeout = SYNC_TIMEOUT_S,
+    register_as: Annotated[Optional[str], typer.Option(
+        metavar="NAME", help="Register the run's model as a new version of this registered model.",
+        rich_help_panel="Tracking")] = None,
 ) -> None:
     """Train AlexNet and log the run (params, per-epoch metrics, checkpoints, model, plots) to MLflow."""
     from alexnet_mlflow import job
@@ -141,6 +144,11 @@ def train(
         f"best epoch {result.best.epoch}: val_loss {result.best.val_loss:.4f} val_acc {result.best.val_acc:.4f}; "
         f"{test}\nmodel: {outcome.model_uri}"
     )
+    if register_as and not outcome.undelivered:
+        from alexnet_mlflow.tracking import register_model
+
+        version = register_model(outcome.model_uri, register_as, tracking_uri)
+        typer.echo(f"registered {outcome.model_uri} as {register_as} version {version}")
     if outcome.undelivered:
         typer.echo(f"alexnet-mlflow: warning: the tracking server did not answer for {sync_timeout:g} s: "
                    f"{outcome.undelivered} logged item(s) wait on this machine; run `alexnet-mlflow sync` "
@@ -203,6 +211,8 @@ def compare(
     format: Annotated[str, typer.Option(help="table, csv, markdown or json.")] = "table",
     output: Annotated[str, typer.Option(help="Write to this file instead of standard output.")] = "",
     plot: Annotated[str, typer.Option(help="Also draw the metric's per-epoch curves of the top runs to this PNG.")] = "",
+    register_best: Annotated[str, typer.Option(
+        metavar="NAME", help="Register the top run's model as a new version of NAME, with the alias champion.")] = "",
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Rank runs by a metric, from the tracking server: which configuration is best, and by how much."""
@@ -226,6 +236,52 @@ def compare(
 
         metric_curves_figure(comparing.curves(query, ranked, tracking_uri), query.metric).savefig(plot, dpi=120)
     _emit(table, format, output)
+    if register_best:
+        from alexnet_mlflow.tracking import register_model
+
+        best = next(r for r in ranked if r.rank is not None)
+        model_uri = f"runs:/{best.run.run_id}/model"
+        version = register_model(model_uri, register_best, tracking_uri, alias=CHAMPION)
+        # stderr: stdout may be a csv or json table someone parses
+        typer.echo(f"registered {model_uri} ({best.run.name}) as {register_best} version {version}, "
+                   f"alias {CHAMPION}", err=True)
+
+
+CHAMPION = "champion"
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="Image files, or folders of them (PNG, JPEG, ...; any size).")],
+    model: Annotated[Optional[str], typer.Option(
+        help="Model URI: runs:/RUN_ID/model, models:/NAME/VERSION or models:/NAME@ALIAS.")] = None,
+    best: Annotated[bool, typer.Option("--best", help="Use the model of the top run of compare by --metric.")] = False,
+    metric: Annotated[str, typer.Option(help="With --best: the metric that ranks runs.")] = "val_loss",
+    experiment: Experiment = DEFAULT_EXPERIMENT,
+    top: Annotated[int, typer.Option(help="Classes with their probabilities per image.")] = 3,
+    format: Annotated[str, typer.Option(help="table, csv, markdown or json.")] = "table",
+    output: Annotated[str, typer.Option(help="Write to this file instead of standard output.")] = "",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Classify images with a logged model: each file's predicted class and top classes."""
+    from alexnet_mlflow import compare as comparing
+    from alexnet_mlflow import predict as predicting
+    from alexnet_mlflow import render, tracking
+
+    if format not in render.FORMATS:
+        raise ConfigError(f"format {format!r} is not one of {', '.join(render.FORMATS)}")
+    if model and best:
+        raise ConfigError("--model and --best both choose a model: pass one of them")
+    if not model and not best:
+        raise ConfigError("no model: pass --model URI or --best (the top run of compare)")
+    if not 1 <= top <= 10:
+        raise ConfigError(f"top={top} is invalid: expected an integer from 1 to 10")
+    files = predicting.image_files(paths)
+    if best:
+        ranked = comparing.ranked_runs(comparing.CompareQuery(metric=metric, experiments=(experiment,)), tracking_uri)
+        model = f"runs:/{ranked[0].run.run_id}/model"
+    loaded, classes = tracking.load_model(model, tracking_uri)
+    _emit(predicting.prediction_table(predicting.predict(loaded, classes, files, top), model), format, output)
 
 
 def with_space_options(command):

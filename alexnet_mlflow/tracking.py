@@ -239,10 +239,10 @@ class TrackedRun:
         for name, figure in figures.items():
             figure.savefig(self.journal.files / name, dpi=100)
             self.journal.append("artifact", path=str(self.journal.files / name), artifact_path=None)
-        self._log_model(result.model)
+        self._log_model(result.model, classes)
         return f"runs:/{self.run_id}/model"
 
-    def _log_model(self, model) -> None:
+    def _log_model(self, model, classes) -> None:
         import copy
 
         import mlflow
@@ -265,6 +265,7 @@ class TrackedRun:
             # the batch dimension dynamic; it loads without our code and without unpickling.
             input_example=np.zeros((2, *IMAGE_SHAPE), dtype=np.uint8),
             pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            metadata={"classes": list(classes)},  # `predict` names the scores with these
         )
         if self.flush() == 0:
             try:
@@ -376,6 +377,43 @@ def load_resume_point(run_id: str, tracking_uri: str | None, checkpoint_dir) -> 
     except (MlflowException, OSError):
         raise ConfigError(f"run {run_id} has no checkpoint: it did not finish an epoch; start a new run") from None
 
+
+
+# ---- using models: load, register ----------------------------------------------------------------
+
+MODEL_URI_FORMS = "runs:/RUN_ID/model, models:/NAME/VERSION or models:/NAME@ALIAS"
+
+
+def load_model(model_uri: str, tracking_uri: str | None):
+    """A logged model as an MLflow pyfunc, and its class names (from its metadata)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from alexnet_mlflow.data import CIFAR10_CLASSES
+
+    check_tracking_uri(tracking_uri)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)  # runs:/ and models:/ resolve against it
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingError(f"model {model_uri!r} cannot be loaded ({reason[:200]}): pass {MODEL_URI_FORMS}") from None
+    classes = (model.metadata.metadata or {}).get("classes") or list(CIFAR10_CLASSES)
+    return model, classes
+
+
+def register_model(model_uri: str, name: str, tracking_uri: str | None, alias: str | None = None) -> str:
+    """Register the model as a new version of `name` (and point `alias` at it); returns the version."""
+    import mlflow
+
+    check_tracking_uri(tracking_uri)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    version = mlflow.register_model(model_uri, name).version
+    if alias:
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+    return str(version)
 
 
 # ---- sweeps: the parent run, and runs a dead worker left behind ---------------------------------
