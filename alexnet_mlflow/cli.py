@@ -16,10 +16,15 @@ import typer
 
 from alexnet_mlflow import compare as compare_defaults  # imports no torch and no mlflow
 from alexnet_mlflow import config as config_module
-from alexnet_mlflow import sweep as sweep_defaults  # imports no torch, optuna or mlflow
+from alexnet_mlflow import space as space_defaults  # imports no torch, optuna or mlflow
+from alexnet_mlflow import sweep as sweep_defaults
 from alexnet_mlflow.config import TrainConfig
 from alexnet_mlflow.errors import ConfigError, Terminated, UserError
-from alexnet_mlflow.tracking import DEFAULT_EXPERIMENT, SYNC_TIMEOUT_S, redact_uri  # mlflow is imported lazily there
+from alexnet_mlflow.tracking import (  # mlflow is imported lazily there
+    DEFAULT_EXPERIMENT,
+    SYNC_TIMEOUT_S,
+    redact_uri,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -315,7 +320,7 @@ def _optional_number(kind: type):
     return lambda text: None if text in ("", None) else parse(text)
 
 
-SPEC = sweep_defaults.SweepSpec.__dataclass_fields__
+SPEC = space_defaults.SweepSpec.__dataclass_fields__
 RUNTIME = sweep_defaults.SweepOptions.__dataclass_fields__
 
 
@@ -332,12 +337,12 @@ def _spec_option(name: str, kind: type, help: str, **extra):
 def sweep(
     space: dict,
     preset: Annotated[Optional[str], typer.Option(
-        help=f"A packaged search space: {', '.join(sweep_defaults.PRESETS)} (the report's 6 configurations x 3 seeds).",
+        help=f"A packaged search space: {', '.join(space_defaults.PRESETS)} (the report's 6 configurations x 3 seeds).",
         rich_help_panel="Sweep")] = None,
     space_file: Annotated[Optional[str], typer.Option(
         "--space", help="YAML search space (see docs/sweeps.md); options override it.", rich_help_panel="Sweep")] = None,
     seeds: _spec_option("seeds", int, "Grid: train every point with this many seeds (--seed, --seed+1, ...).") = None,
-    sampler: _spec_option("sampler", str, f"One of: {', '.join(sweep_defaults.SAMPLERS)}.") = None,
+    sampler: _spec_option("sampler", str, f"One of: {', '.join(space_defaults.SAMPLERS)}.") = None,
     n_trials: _spec_option("n_trials", int, "Trials of random and tpe (a grid runs every point).") = None,
     metric: _spec_option("metric", str, "Metric the study optimises and the tables rank by.") = None,
     prune: Annotated[bool, typer.Option(
@@ -359,12 +364,13 @@ def sweep(
 ) -> None:
     """Run a study: many trainings as child runs of one MLflow run, on Optuna, in parallel."""
     from alexnet_mlflow import render
+    from alexnet_mlflow import space as spaces
     from alexnet_mlflow import sweep as sweeping
 
     if preset and space_file:
         raise ConfigError("--preset and --space both give a search space: pass one of them")
-    loaded = sweeping.preset_space(preset) if preset else sweeping.load_space(space_file) if space_file else {}
-    spec = sweeping.build_spec(
+    loaded = spaces.preset_space(preset) if preset else spaces.load_space(space_file) if space_file else {}
+    spec = spaces.build_spec(
         loaded, space, seeds=seeds, sampler=sampler, n_trials=n_trials, metric=metric, prune=prune or None,
         prune_startup_trials=prune_startup_trials, prune_warmup_epochs=prune_warmup_epochs,
     )

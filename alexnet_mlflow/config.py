@@ -94,6 +94,33 @@ def defaults() -> dict[str, Any]:
     return {f.name: f.default for f in fields()}
 
 
+def parse_value(name: str, value: Any) -> Any:
+    """A field's value from text or YAML ("1e-3", "true", 64.0), typed as the field, or a
+    one-line ConfigError naming the value."""
+    kinds = {f.name: f.type for f in fields()}
+    if name not in kinds:
+        raise ConfigError(f"{name!r} is not a training parameter; see alexnet-mlflow train --help")
+    kind = kinds[name]
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "false"):
+                return str(value).lower() == "true"
+            raise ValueError
+        if kind == "int":
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except ValueError:
+        accepted = {"bool": "true or false", "int": "an integer", "float": "a number"}[kind]
+        raise ConfigError(f"{name}={value!r} is invalid: expected {accepted}") from None
+
+
 def format_param(value: Any) -> str:
     # Lower-case booleans: MLproject passes them as the strings "true"/"false", and MLflow
     # refuses to re-log a param with another spelling.

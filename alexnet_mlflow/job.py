@@ -123,9 +123,7 @@ def _train(run: TrackedRun, config: TrainConfig, splits, device, progress, on_ep
         engine.save_checkpoint(state, folder / "last.pt")
         run.log_checkpoint(folder / "last.pt")
         if is_best:  # for using the best model, not for resuming: weights and metrics only (a third of the size)
-            best = {k: state[k] for k in ("epoch", "model", "history")}
-            engine.save_checkpoint(best, folder / "best.pt")
-            run.log_checkpoint(folder / "best.pt")
+            engine.save_checkpoint({k: state[k] for k in ("epoch", "model", "history")}, folder / "best.pt")
 
     def epoch_done(metrics: engine.EpochMetrics) -> None:
         nonlocal warned
@@ -137,8 +135,11 @@ def _train(run: TrackedRun, config: TrainConfig, splits, device, progress, on_ep
                                      f"{config.chance_warn_epochs} epochs up to epoch {metrics.epoch}"})
         on_epoch(metrics)
 
-    return engine.train(config, splits, device, on_epoch=epoch_done, progress=progress,
-                        on_checkpoint=checkpoint, resume=resume)
+    result = engine.train(config, splits, device, on_epoch=epoch_done, progress=progress,
+                          on_checkpoint=checkpoint, resume=resume)
+    if checkpoints:  # once, at the end: it may change every epoch, and only the final one matters
+        run.log_checkpoint(folder / "best.pt")
+    return result
 
 
 def dry_run(config: TrainConfig, tracking_uri: str | None = None) -> str:

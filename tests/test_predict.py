@@ -119,14 +119,17 @@ def test_served_model_answers_a_batch_of_images(local_run):
 
 
 def test_register_best_sets_the_champion_alias_on_a_server(workdir, mlflow_server):
-    trained(workdir, "--experiment", "registry", "--lr", "1e-3", "--tracking-uri", mlflow_server)
-    trained(workdir, "--experiment", "registry", "--lr", "1e-7", "--tracking-uri", mlflow_server)
+    best_id = trained(workdir, "--experiment", "registry", "--lr", "1e-3", "--tracking-uri", mlflow_server)
+    client = MlflowClient(mlflow_server)
+    worse = client.create_run(client.get_experiment_by_name("registry").experiment_id, run_name="worse")
+    client.log_metric(worse.info.run_id, "val_loss", 99.0, step=1)  # ranked second: never registered
+    client.set_terminated(worse.info.run_id)
     result = run_cli("compare", "--experiment", "registry", "--register-best", "server-alexnet", "--format", "json",
                      "--tracking-uri", mlflow_server, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     best = json.loads(result.stdout)[0]
+    assert best["run_id"] == best_id
     assert "registered runs:/" in result.stderr and "server-alexnet" in result.stderr
-    client = MlflowClient(mlflow_server)
     version = client.get_model_version_by_alias("server-alexnet", "champion")
     assert version.run_id == best["run_id"]
     Image.new("RGB", (32, 32)).save(workdir / "black.png")

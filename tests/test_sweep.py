@@ -3,7 +3,6 @@ Optuna storage, on tiny synthetic trials (batch 256: 4 steps an epoch)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 from conftest import cli_env, run_cli, wait_until
 from mlflow import MlflowClient
 
-from alexnet_mlflow import engine, sweep
+from alexnet_mlflow import space, sweep
 from alexnet_mlflow.errors import ConfigError
 
 QUICK = ("--dataset", "synthetic", "--batch-size", "256", "--quiet")
@@ -31,59 +30,14 @@ def parent_of(client: MlflowClient, experiment: str):
     return runs[0]
 
 
-# ---- the spec ---------------------------------------------------------------------------------
-
-def test_options_fix_one_value_and_sweep_lists():
-    spec = sweep.build_spec({}, {"activation": "relu,leaky_relu", "lr": "1e-3,1e-4", "epochs": "2"}, seeds=2)
-    assert spec.fixed == {"epochs": 2}
-    assert spec.swept == ("activation", "lr", "seed")
-    points = spec.points()
-    assert len(points) == 8 and len({sweep.point_key(p) for p in points}) == 8
-    assert points[0] == {"activation": "relu", "lr": 0.001, "seed": 0}
-    assert spec.config_for(points[-1]).lr == 0.0001 and spec.config_for(points[-1]).epochs == 2
-
-
-def test_report_preset_is_the_reports_six_configurations_with_three_seeds():
-    spec = sweep.build_spec(sweep.preset_space("report"), {"epochs": "1"})
-    configs = [spec.config_for(p) for p in spec.points()]
-    assert len(configs) == 18 and all(c.epochs == 1 for c in configs)
-    distinct = list(dict.fromkeys((c.activation, c.lr, c.batch_size, c.dropout) for c in configs))
-    assert distinct == [("relu", 0.001, 128, 0.5), ("leaky_relu", 0.0001, 128, 0.6), ("relu", 0.0001, 128, 0.6),
-                        ("relu", 0.0001, 256, 0.6), ("relu", 0.0001, 64, 0.8), ("sigmoid", 0.0001, 64, 0.8)]
-    assert sorted({c.seed for c in configs}) == [0, 1, 2]
-    assert sweep.build_spec(sweep.preset_space("report"), {}).fixed["epochs"] == 50
-
-
-def test_rankable_metrics_are_what_training_reports():
-    assert sweep.EPOCH_METRICS == tuple(f.name for f in dataclasses.fields(engine.EpochMetrics) if f.name != "epoch")
-
-
-@pytest.mark.parametrize("space, options, settings, message", [
-    ({}, {"activation": "relu,foo"}, {}, "activation 'foo' is not one of"),
-    ({}, {"dropout": "0.5,1.5"}, {}, "dropout=1.5 is invalid"),
-    ({}, {"batch_size": "64,abc"}, {}, "batch_size='abc' is invalid: expected an integer"),
-    ({"lr": {"low": 1e-4, "high": 1e-2}}, {}, {}, "a low/high range cannot be a grid"),
-    ({}, {}, {"sampler": "bayes"}, "sampler 'bayes' is not one of grid, random, tpe"),
-    ({}, {}, {"metric": "val_acc", "prune": True}, None),
-    ({}, {}, {"metric": "test_acc", "prune": True}, "--prune compares per-epoch values"),
-    ({"colour": ["red"]}, {}, {}, "colour"),
-    ({}, {}, {"sampler": "tpe", "seeds": 3}, "need --sampler grid"),
-])
-def test_bad_spaces_are_one_line_errors(space, options, settings, message):
-    if message is None:
-        sweep.build_spec(space, options, **settings)
-        return
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as error:
-        sweep.build_spec(space, options, **settings)
-    assert "\n" not in str(error.value)
-
+# ---- the study and the CLI ------------------------------------------------------------------
 
 def test_a_study_name_cannot_be_reused_for_another_sweep(tmp_path):
     options = sweep.SweepOptions(experiment="e", study="mine", storage=f"sqlite:///{tmp_path}/optuna.db")
-    sweep.open_study(sweep.build_spec({}, {"lr": "1e-3,1e-4"}), options)
-    sweep.open_study(sweep.build_spec({}, {"lr": "1e-3,1e-4"}), options)  # the same sweep: fine
+    sweep.open_study(space.build_spec({}, {"lr": "1e-3,1e-4"}), options)
+    sweep.open_study(space.build_spec({}, {"lr": "1e-3,1e-4"}), options)  # the same sweep: fine
     with pytest.raises(ConfigError, match="study 'mine' in .* belongs to another sweep"):
-        sweep.open_study(sweep.build_spec({}, {"lr": "1e-3,1e-2"}), options)
+        sweep.open_study(space.build_spec({}, {"lr": "1e-3,1e-2"}), options)
 
 
 def test_cli_rejects_a_bad_value_before_anything_starts(workdir):

@@ -26,7 +26,7 @@ def test_train_logs_a_complete_run_to_the_default_sqlite_store(workdir):
     assert (workdir / "mlflow.db").exists()  # MLflow's embedded default, no server
     uri = f"sqlite:///{workdir}/mlflow.db"
     run = only_run(MlflowClient(uri), "alexnet-cifar10")
-    assert run.info.run_name == "relu-lr1e-4-bs64-do0.8"
+    assert run.info.run_name == "relu-lr1e-4-bs256-do0.8"
     assert run.info.run_id in result.stdout
     assert_complete_run(uri, run.info.run_id, epochs=2, params=SYNTHETIC_2)
     assert set(run.data.params) == set(TrainConfig().as_params())
