@@ -265,21 +265,21 @@ def test_epoch_table_group_by_and_plot_on_a_short_real_training(workdir):
     from alexnet_mlflow.job import train_and_track
 
     uri = f"sqlite:///{workdir}/mlflow.db"
-    trained = [train_and_track(TrainConfig(dataset="synthetic", epochs=2, seed=seed, batch_size=128), "real", uri)
+    trained = [train_and_track(TrainConfig(dataset="synthetic", epochs=2, seed=seed, batch_size=256), "real", uri)
                for seed in (0, 1)]
     base = ["compare", "--tracking-uri", uri, "--experiment", "real", "--format", "json"]
 
     epochs = json.loads(runner.invoke(app, [*base, "--epochs", "1,2", "--metric", "train_loss"]).stdout)
     by_id = {t.run_id: t for t in trained}
     labels = [c for c in epochs[0] if c != "epoch"]
-    assert len(labels) == 2 and all(label.startswith("relu-lr1e-4-bs128-do0.8 (") for label in labels)
+    assert len(labels) == 2 and all(label.startswith("relu-lr1e-4-bs256-do0.8 (") for label in labels)
     for label in labels:
         run = next(t for run_id, t in by_id.items() if run_id.startswith(label[-7:-1]))
         assert [row[label] for row in epochs] == pytest.approx([m.train_loss for m in run.result.history])
 
     groups = json.loads(runner.invoke(app, [*base, "--group-by", "activation,batch_size"]).stdout)
     losses = [t.result.history[-1].val_loss for t in trained]
-    assert len(groups) == 1 and groups[0]["runs"] == 2 and groups[0]["batch_size"] == "128"
+    assert len(groups) == 1 and groups[0]["runs"] == 2 and groups[0]["batch_size"] == "256"
     assert groups[0]["mean val_loss"] == pytest.approx(statistics.fmean(losses))
     assert groups[0]["std val_loss"] == pytest.approx(statistics.stdev(losses))
 

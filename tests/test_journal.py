@@ -18,7 +18,7 @@ def test_entries_are_delivered_in_order_and_resume_after_an_outage():
     assert sent == [1] and journal.delivered == 1
     down["now"] = False
     journal.append("end", status="FINISHED")
-    assert Journal.all()[0].run_id == "run-a"  # a new process finds it (alexnet-mlflow sync)
+    assert "run-a" in [j.run_id for j in Journal.all()]  # a new process finds it (alexnet-mlflow sync)
     assert Journal(journal.folder).deliver(lambda e: sent.append(e.get("step", "end"))) == 0
     assert sent == [1, 2, 3, "end"]  # nothing twice, nothing lost, original order
     assert all(isinstance(e["timestamp"], int) for e in journal.entries())
