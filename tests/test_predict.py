@@ -19,6 +19,7 @@ from alexnet_mlflow.data import CIFAR10_CLASSES
 from conftest import cli_env, free_port, run_cli, wait_until
 
 QUICK = ("--dataset", "synthetic", "--batch-size", "256", "--epochs", "1", "--quiet")
+pytestmark = pytest.mark.xdist_group("predict")  # one process: local_run trains once
 
 
 def trained(cwd, *args: str, **env: str) -> str:
