@@ -80,6 +80,27 @@ def _check_credentials(uri: str) -> None:
         pass  # it answered /health a moment ago; a real outage shows up (and is journaled) later
 
 
+def experiment_id_for(client, name: str) -> str:
+    """The id of the experiment called `name`, created if absent, safe when several processes
+    start at once. `mlflow.set_experiment` is not: when another process creates the experiment
+    between its lookup and its create, it returns without making it active, and the run lands in
+    the Default experiment (seen with 4 trainings starting together on one server)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)  # another process won the race
+    if found.lifecycle_stage != "active":
+        raise TrackingError(f"experiment {name!r} is deleted: restore it with `mlflow experiments restore "
+                            f"--experiment-id {found.experiment_id}`, or pass another --experiment")
+    return found.experiment_id
+
+
 class TrackedRun:
     """One training's MLflow run. Use as `with TrackedRun(...) as run:`.
 
@@ -125,8 +146,8 @@ class TrackedRun:
             mlflow.MlflowClient().update_run(run.info.run_id, name=self.run_name)
             mlflow.set_tags(self.tags)
         else:
-            mlflow.set_experiment(self.experiment)
-            run = mlflow.start_run(run_name=self.run_name, tags=self.tags)
+            experiment_id = experiment_id_for(mlflow.MlflowClient(), self.experiment)
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
         self.experiment = mlflow.get_experiment(run.info.experiment_id).name  # mlflow run's, if it chose
         self.client = mlflow.MlflowClient(self.tracking_uri)
@@ -439,9 +460,7 @@ def open_sweep_parent(tracking_uri: str | None, experiment: str, previous_run_id
     if run is None and project_run_id:
         run = client.get_run(project_run_id)
     if run is None:
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        run = client.create_run(experiment_id, run_name=name)
+        run = client.create_run(experiment_id_for(client, experiment), run_name=name)
     elif project_run_id and project_run_id != run.info.run_id:
         client.set_tag(project_run_id, "sweep.parent_run_id", run.info.run_id)  # the project run points there
     if run.info.status != "RUNNING":

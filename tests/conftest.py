@@ -18,6 +18,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def pytest_configure(config):
+    # One torch thread per process: the suite runs on 2 pytest processes, each starting trainings,
+    # servers and CLIs, so 2 threads each oversubscribe 2 cores. Two 2-epoch synthetic trainings
+    # side by side took 46 s with 2 threads each, 37 s with 1. Subprocesses inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,6 +50,11 @@ def _healthy(url: str) -> bool:
         return False
 
 
+# MLflow's server starts a job runner with 8 huey consumer processes by default (for its GenAI
+# jobs; nothing here uses them), each importing mlflow: ~15 s of CPU per server start on 2 cores.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class MlflowServer:
     """A real `mlflow server` process on 127.0.0.1 with its own sqlite store and proxied
     artifacts; it can be killed and started again on the same store and port."""
@@ -64,7 +76,8 @@ class MlflowServer:
         with open(self.root / "server.log", "a") as log:
             # Its own process group: stop() ends the server's workers too, freeing the port.
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                            env={**os.environ, **(self.env or {})}, start_new_session=True)
+                                            env={**os.environ, **SERVER_ENV, **(self.env or {})},
+                                            start_new_session=True)
         # ~10 s to create the schema and start; a cold machine can take longer.
         wait_until(lambda: _healthy(self.url) or self.process.poll() is not None, 120, "mlflow server /health")
         assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]

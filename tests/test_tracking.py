@@ -1,5 +1,7 @@
 import signal
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import pytest
@@ -7,7 +9,7 @@ from mlflow import MlflowClient
 
 from alexnet_mlflow.config import TrainConfig
 from alexnet_mlflow.errors import TrackingError
-from alexnet_mlflow.tracking import TrackedRun, check_tracking_uri, redact_uri
+from alexnet_mlflow.tracking import TrackedRun, check_tracking_uri, experiment_id_for, redact_uri
 from conftest import assert_complete_run, cli_env, free_port, run_cli, wait_until
 
 SYNTHETIC_2 = {"dataset": "synthetic", "epochs": "2", "activation": "relu", "lr": "0.0001", "batch_size": "256",
@@ -59,7 +61,7 @@ def test_an_exception_or_interrupt_ends_the_run(workdir, error, status):
 def test_ctrl_c_during_training_marks_the_run_killed(workdir):
     """A real SIGINT to a real training process, once its first epoch is logged."""
     process = subprocess.Popen(
-        ["alexnet-mlflow", "train", "--dataset", "synthetic", "--epochs", "50", "--quiet"],
+        ["alexnet-mlflow", "train", "--dataset", "synthetic", "--epochs", "50", "--batch-size", "256", "--quiet"],
         cwd=workdir, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -73,7 +75,7 @@ def test_ctrl_c_during_training_marks_the_run_killed(workdir):
                 return None
             return runs and "val_loss" in runs[0].data.metrics and runs[0]
 
-        run = wait_until(first_epoch_logged, 120, "the first epoch's metrics")
+        run = wait_until(first_epoch_logged, 300, "the first epoch's metrics")  # ~15 s alone, more beside other tests
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -82,6 +84,30 @@ def test_ctrl_c_during_training_marks_the_run_killed(workdir):
     assert "Traceback" not in stderr and "interrupted" in stderr
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")][0] == 1
+
+
+def test_processes_starting_together_share_one_experiment(mlflow_server):
+    """Eight clients ask for a new experiment at the same moment: one creates it, all get its id.
+    (mlflow.set_experiment lost runs to the Default experiment in this race.)"""
+    start = threading.Barrier(8)
+
+    def ask(_):
+        client = MlflowClient(mlflow_server)
+        start.wait(timeout=60)
+        return experiment_id_for(client, "raced")
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = set(pool.map(ask, range(8)))
+    assert ids == {MlflowClient(mlflow_server).get_experiment_by_name("raced").experiment_id}
+
+
+def test_a_deleted_experiment_is_one_line_with_the_fix(workdir):
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    experiment_id = client.create_experiment("gone")
+    client.delete_experiment(experiment_id)
+    with pytest.raises(TrackingError, match=f"'gone' is deleted: restore it with `mlflow experiments restore "
+                                            f"--experiment-id {experiment_id}`"):
+        experiment_id_for(client, "gone")
 
 
 def test_unreachable_server_fails_fast_with_the_fix():
