@@ -16,6 +16,7 @@ import typer
 
 from alexnet_mlflow import compare as compare_defaults  # imports no torch and no mlflow
 from alexnet_mlflow import config as config_module
+from alexnet_mlflow import runtime
 from alexnet_mlflow import space as space_defaults  # imports no torch, optuna or mlflow
 from alexnet_mlflow import sweep as sweep_defaults
 from alexnet_mlflow.config import TrainConfig
@@ -449,6 +450,8 @@ def _bool_values_as_flags(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    if argv is None and sys.argv[1:2] in (["train"], ["sweep"]):
+        runtime.restart_with_fast_malloc()  # before torch loads; sweep's workers inherit it
     argv = sys.argv[1:] if argv is None else argv
     command = typer.main.get_command(app)
     try:

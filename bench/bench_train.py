@@ -126,21 +126,21 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    result = run_reference(args) if args.case == "reference" else run_package(args, args.case.split("-")[1])
+    result = run_reference(args) if args.case.startswith("reference") else run_package(args, args.case.split("-")[1])
     result["conv_gflops"] = conv_gflops("bf16" if args.case.endswith("bf16") else "fp32", args.device)
     if torch.cuda.is_available() and args.device != "cpu":
         result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
 
 
-def measure(case: str, args) -> dict:
-    """Run one case in a child process, sampling the peak memory of its process tree."""
+def measure(case: str, args, env: dict[str, str]) -> dict:
+    """Run one case in a child process with `env` added, sampling the peak memory of its process tree."""
     import psutil
 
     command = [sys.executable, __file__, "--case", case, "--steps", str(args.steps), "--device", args.device]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
     peak, tree = 0, psutil.Process(child.pid)
 
     def sample() -> None:
@@ -175,17 +175,26 @@ def main() -> None:
     from rich.table import Table
 
     from alexnet_mlflow.model import AlexNet, forward_flops
+    from alexnet_mlflow.runtime import malloc_env
 
     step_gflop_per_image = 3 * forward_flops(AlexNet()) / 1e9  # forward + backward (2x)
-    cases = {"reference": "reference (PIL + DataLoader, Adam, fp32)", "package-fp32": "alexnet-mlflow, fp32",
-             "package-bf16": "alexnet-mlflow, --precision bf16"}
-    results = {case: measure(case, args) for case in cases}
+    # The package's cases run as `alexnet-mlflow train` runs: with its malloc setting (runtime.py).
+    # The reference runs as the report's code would, and once more with that setting, to show
+    # how much of the difference the setting alone makes.
+    fast_malloc = malloc_env()
+    cases = {"reference": ("reference (PIL + DataLoader, Adam, fp32)", {}),
+             "reference-malloc": ("reference + the package's malloc setting", fast_malloc),
+             "package-fp32": ("alexnet-mlflow, fp32", fast_malloc),
+             "package-bf16": ("alexnet-mlflow, --precision bf16", fast_malloc)}
+    if not fast_malloc:  # not glibc: the setting does not exist here
+        del cases["reference-malloc"]
+    results = {case: measure(case, args, env) for case, (_, env) in cases.items()}
     base = results["reference"]["images_per_second"]
     table = Table(title=f"training throughput, AlexNet, batch {BATCH}, second of 2 epochs of {args.steps} steps, "
                         f"{os.cpu_count()} CPU threads, device {args.device}")
     for column in ("pipeline", "images/s", "vs reference", "peak memory (MB)", "conv GFLOP/s", "share of conv"):
         table.add_column(column, justify="left" if column == "pipeline" else "right")
-    for case, label in cases.items():
+    for case, (label, _) in cases.items():
         r = results[case]
         share = r["images_per_second"] * step_gflop_per_image / r["conv_gflops"]
         memory = r.get("cuda_peak_mb", r["peak_rss_mb"])
