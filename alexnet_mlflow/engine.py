@@ -75,9 +75,8 @@ def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
 
 def prefers_channels_last(device: torch.device) -> bool:
     """NHWC where it was measured faster: on CUDA (tensor cores), and on CPU, where oneDNN ran a
-    batch-64 step in 398 ms instead of 425 ms in fp32, and in 225 ms instead of 248 ms in bf16
-    (2-core AVX-512 CPU, with the malloc setting of runtime.py; without it, NCHW was faster in
-    bf16, 337 ms against 357 ms, as page faults dominated)."""
+    batch-64 step in 400 ms instead of 427 ms in fp32, and in 230 ms instead of 265 ms in bf16
+    (2-core AVX-512 CPU, malloc setting of runtime.py; 459/512 and 309/339 ms without it)."""
     return device.type in ("cuda", "cpu")
 
 

@@ -6,7 +6,7 @@ AlexNet frees and allocates the same large buffers every step (the 64 MB gradien
 4096x4096 FC weights, their bf16 copies under autocast, activations), so each step page-faults
 hundreds of MB back in. Keeping freed memory in the heap, on the 2-core development CPU, batch 64:
 
-    bf16 autocast step  351 ms -> 253 ms          fp32 step  344 ms -> 249 ms
+    bf16 autocast step  309 ms -> 230 ms          fp32 step  459 ms -> 400 ms      (channels-last)
 
 (`bench/bench_train.py` measures it against the reference pipeline.) The thresholds can only be
 raised past 32 MB by GLIBC_TUNABLES, which the dynamic loader reads when a process starts, so

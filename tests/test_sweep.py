@@ -48,6 +48,18 @@ def test_cli_rejects_a_bad_value_before_anything_starts(workdir):
     assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
 
 
+def test_data_that_is_not_there_is_one_line_before_any_trial(workdir):
+    (workdir / "empty-ish").mkdir()
+    (workdir / "empty-ish" / "notes.txt").write_text("not CIFAR-10")
+    result = run_cli("sweep", "--lr", "1e-3,1e-4", "--epochs", "1", "--data-dir", "empty-ish", "--quiet",
+                     cwd=workdir, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"alexnet-mlflow: error: data_dir {workdir / 'empty-ish'} holds no CIFAR-10: expected "
+                           "cifar-10-batches-py/")
+    assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
+
+
 # ---- real sweeps against a real server --------------------------------------------------------
 
 def test_grid_with_two_workers_then_a_rerun_that_trains_nothing(workdir, mlflow_server):
