@@ -18,7 +18,7 @@ import warnings
 from dataclasses import asdict, dataclass, replace
 
 from alexnet_mlflow.errors import StopTraining, Terminated, TrackingError
-from alexnet_mlflow.journal import Journal, Unreachable
+from alexnet_mlflow.journal import Journal, Unreachable, journal_root
 
 DEFAULT_EXPERIMENT = "alexnet-cifar10"
 SYNC_TIMEOUT_S = 120.0  # at the end, how long to wait for an absent server before leaving it to `sync`
@@ -183,7 +183,7 @@ class TrackedRun:
 
     def flush(self, timeout: float = 0.0) -> int:
         """Deliver what is pending; returns how many entries are still pending."""
-        return self.journal.deliver(lambda entry: send_entry(self.client, self.run_id, entry), timeout)
+        return deliver(self.journal, self.client, timeout)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self.journal.append("tags", values=tags)
@@ -317,6 +317,11 @@ def unreachable(error: BaseException) -> bool:
     return isinstance(error, OSError)
 
 
+def deliver(journal: Journal, client, timeout: float = 0.0) -> int:
+    """Send the journal's pending entries to its run; returns how many are still pending."""
+    return journal.deliver(lambda entry: send_entry(client, journal.run_id, entry), timeout)
+
+
 def send_entry(client, run_id: str, entry: dict) -> None:
     """Deliver one journal entry; Unreachable when the server is away."""
     from mlflow.entities import Metric, RunTag
@@ -360,7 +365,7 @@ def sync(tracking_uri: str | None = None, timeout: float = 0.0) -> list[SyncResu
         uri = tracking_uri or journal.meta["tracking_uri"]
         client = mlflow.MlflowClient(uri)
         before = journal.pending()
-        pending = journal.deliver(lambda entry, c=client, j=journal: send_entry(c, j.run_id, entry), timeout)
+        pending = deliver(journal, client, timeout)
         results.append(SyncResult(journal.run_id, redact_uri(uri), before - pending, pending))
         if pending == 0:
             journal.remove()
@@ -378,9 +383,9 @@ def load_resume_point(run_id: str, tracking_uri: str | None, checkpoint_dir) -> 
 
     check_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
-    for journal in Journal.all():
-        if journal.run_id == run_id and journal.deliver(lambda e, j=journal: send_entry(client, run_id, e), 30) == 0:
-            journal.remove()
+    journal = Journal(journal_root() / run_id)
+    if (journal.folder / "meta.json").exists() and deliver(journal, client, 30) == 0:
+        journal.remove()
     try:
         run = client.get_run(run_id)
     except MlflowException:
