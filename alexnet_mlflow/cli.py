@@ -17,8 +17,8 @@ import typer
 from alexnet_mlflow import compare as compare_defaults  # imports no torch and no mlflow
 from alexnet_mlflow import config as config_module
 from alexnet_mlflow import runtime
-from alexnet_mlflow import space as space_defaults  # imports no torch, optuna or mlflow
-from alexnet_mlflow import sweep as sweep_defaults
+from alexnet_mlflow import space as spaces  # space and sweep import no torch, optuna or mlflow
+from alexnet_mlflow import sweep as sweeps
 from alexnet_mlflow.config import TrainConfig
 from alexnet_mlflow.errors import ConfigError, Terminated, UserError
 from alexnet_mlflow.tracking import (  # mlflow is imported lazily there
@@ -321,8 +321,8 @@ def _optional_number(kind: type):
     return lambda text: None if text in ("", None) else parse(text)
 
 
-SPEC = space_defaults.SweepSpec.__dataclass_fields__
-RUNTIME = sweep_defaults.SweepOptions.__dataclass_fields__
+SPEC = spaces.SweepSpec.__dataclass_fields__
+RUNTIME = sweeps.SweepOptions.__dataclass_fields__
 
 
 def _spec_option(name: str, kind: type, help: str, **extra):
@@ -338,12 +338,12 @@ def _spec_option(name: str, kind: type, help: str, **extra):
 def sweep(
     space: dict,
     preset: Annotated[Optional[str], typer.Option(
-        help=f"A packaged search space: {', '.join(space_defaults.PRESETS)} (the report's 6 configurations x 3 seeds).",
+        help=f"A packaged search space: {', '.join(spaces.PRESETS)} (the report's 6 configurations x 3 seeds).",
         rich_help_panel="Sweep")] = None,
     space_file: Annotated[Optional[str], typer.Option(
         "--space", help="YAML search space (see docs/sweeps.md); options override it.", rich_help_panel="Sweep")] = None,
     seeds: _spec_option("seeds", int, "Grid: train every point with this many seeds (--seed, --seed+1, ...).") = None,
-    sampler: _spec_option("sampler", str, f"One of: {', '.join(space_defaults.SAMPLERS)}.") = None,
+    sampler: _spec_option("sampler", str, f"One of: {', '.join(spaces.SAMPLERS)}.") = None,
     n_trials: _spec_option("n_trials", int, "Trials of random and tpe (a grid runs every point).") = None,
     metric: _spec_option("metric", str, "Metric the study optimises and the tables rank by.") = None,
     prune: Annotated[bool, typer.Option(
@@ -365,8 +365,6 @@ def sweep(
 ) -> None:
     """Run a study: many trainings as child runs of one MLflow run, on Optuna, in parallel."""
     from alexnet_mlflow import render
-    from alexnet_mlflow import space as spaces
-    from alexnet_mlflow import sweep as sweeping
 
     if preset and space_file:
         raise ConfigError("--preset and --space both give a search space: pass one of them")
@@ -376,15 +374,15 @@ def sweep(
         prune_startup_trials=prune_startup_trials, prune_warmup_epochs=prune_warmup_epochs,
     )
     runtime = {"workers": workers, "stale_after": stale_after}
-    options = sweeping.SweepOptions(experiment=experiment, tracking_uri=tracking_uri, study=study or None,
+    options = sweeps.SweepOptions(experiment=experiment, tracking_uri=tracking_uri, study=study or None,
                                     storage=storage or None, **{k: v for k, v in runtime.items() if v is not None})
     if quiet:
-        tables, outcome = sweeping.run_sweep(spec, options)
+        tables, outcome = sweeps.run_sweep(spec, options)
     else:
         from alexnet_mlflow.progress import TrialProgress
 
         with TrialProgress() as progress:
-            tables, outcome = sweeping.run_sweep(spec, options, progress.update)
+            tables, outcome = sweeps.run_sweep(spec, options, progress.update)
     for table in tables:
         render.print_rich(table)
     states = ", ".join(f"{n} {state}" for state, n in sorted(outcome.states.items())) or "none"

@@ -51,6 +51,12 @@ class Journal:
         return cls(folder)
 
     @classmethod
+    def of_run(cls, run_id: str) -> Journal | None:
+        """The run's journal, if training left one on this machine."""
+        folder = journal_root() / run_id
+        return cls(folder) if (folder / "meta.json").exists() else None
+
+    @classmethod
     def all(cls) -> list[Journal]:
         root = journal_root()
         return [cls(p) for p in sorted(root.iterdir()) if (p / "meta.json").exists()] if root.exists() else []

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import asdict, dataclass, replace
 
 from alexnet_mlflow.errors import StopTraining, Terminated, TrackingError
-from alexnet_mlflow.journal import Journal, Unreachable, journal_root
+from alexnet_mlflow.journal import Journal, Unreachable
 
 DEFAULT_EXPERIMENT = "alexnet-cifar10"
 SYNC_TIMEOUT_S = 120.0  # at the end, how long to wait for an absent server before leaving it to `sync`
@@ -383,8 +383,8 @@ def load_resume_point(run_id: str, tracking_uri: str | None, checkpoint_dir) -> 
 
     check_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
-    journal = Journal(journal_root() / run_id)
-    if (journal.folder / "meta.json").exists() and deliver(journal, client, 30) == 0:
+    journal = Journal.of_run(run_id)
+    if journal is not None and deliver(journal, client, 30) == 0:
         journal.remove()
     try:
         run = client.get_run(run_id)
