@@ -97,7 +97,9 @@ def download(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path
 # ---- the decode cache ------------------------------------------------------------------------
 
 def fingerprint(source: Path) -> str:
-    """Names, sizes and modification times of every file of the source: any change shows.
+    """Names, sizes and modification times of every file the layout reads: any change shows.
+    Other files beside them do not count: with --data-dir auto the decode cache, journals and
+    checkpoints live in the data folder, and each write would otherwise invalidate the cache.
 
     os.scandir with plain strings: 50,000 files in ~0.2 s, where Path.rglob took ~1 s."""
     lines = []
@@ -111,13 +113,23 @@ def fingerprint(source: Path) -> str:
                     stat = entry.stat()
                     lines.append(f"{prefix}{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}")
 
-    if source.is_file():
-        stat = source.stat()
-        lines.append(f"{source.name}\0{stat.st_size}\0{stat.st_mtime_ns}")
-    else:
-        walk(str(source), "")
+    for path in _files_read(source):
+        if path.is_dir():
+            walk(str(path), f"{path.name}/")
+        elif path.is_file():
+            stat = path.stat()
+            lines.append(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}")
     lines.sort()
     return hashlib.sha256("\n".join([str(source), *lines]).encode()).hexdigest()
+
+
+def _files_read(source: Path) -> list[Path]:
+    """What the source's reader opens: the archive, an image folder's splits, or the batches."""
+    if source.is_file():
+        return [source]
+    if (source / "train").is_dir():
+        return [source / "train", source / "test"]
+    return [source / name for name in (*TRAIN_BATCHES, TEST_BATCH)]
 
 
 def cache_path(source: Path, skip_bad_images: bool) -> Path:

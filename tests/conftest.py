@@ -97,13 +97,40 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real tracking server with its own sqlite store and proxied artifact store."""
+def mlflow_server_process(tmp_path_factory) -> MlflowServer:
+    """A real tracking server with its own sqlite store and proxied artifact store, one per
+    pytest process; tests that only need its URL take `mlflow_server`."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        yield server.start()
+        server.start()
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_process) -> str:
+    return mlflow_server_process.url
+
+
+def _artifact_folders(root: Path) -> set[Path]:
+    # Runs' artifacts sit in <experiment>/<run_id>, logged models in <experiment>/models/<model_id>.
+    return set(root.glob("*/*")) | set(root.glob("*/models/*"))
+
+
+@pytest.fixture(autouse=True)
+def drop_new_server_artifacts(request):
+    """Each training logs ~690 MB to its server (a 430 MB last.pt with Adam's state, a 143 MB
+    best.pt, a 137 MB model). Without this the shared servers held 9.3 GB by the end of the
+    suite, and a CI machine ran out of disk; now a test's artifacts go when it ends."""
+    if "mlflow_server" not in request.fixturenames:
+        yield
+        return
+    root = request.getfixturevalue("mlflow_server_process").root / "artifacts"
+    before = _artifact_folders(root)
+    yield
+    for folder in _artifact_folders(root) - before:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -205,7 +232,8 @@ def assert_complete_run(tracking_uri: str, run_id: str, epochs: int, params: dic
 
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory):
-    """Decode caches and downloads go to a temporary per-user cache, not the real ~/.cache."""
+    """Decode caches, downloads, journals and checkpoints go to a temporary per-user cache, not
+    the real ~/.cache; this one serves fixtures shared by several tests."""
     previous = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
     yield
@@ -213,6 +241,13 @@ def private_cache(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(autouse=True)
+def per_test_cache(private_cache, tmp_path, monkeypatch):
+    """Each test its own cache in its tmp_path, removed when the test passes (pyproject's
+    tmp_path_retention_policy): a killed run keeps its 570 MB of checkpoints there."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 @pytest.fixture

@@ -128,6 +128,7 @@ def test_cache_is_used_while_the_source_is_unchanged_and_rebuilt_after(tmp_path,
     write_image_folder(tmp_path, ["cat", "dog"], per_class=2, test=False)
     first = layouts.load(tmp_path)
     assert layouts.cache_path(tmp_path.resolve(), False).is_file() or layouts.cache_path(tmp_path, False).is_file()
+    (tmp_path / "notes.txt").write_text("files beside train/ and test/ are not data")
     # Same size, same modification time, unreadable content: only the cache can still answer.
     image = tmp_path / "train" / "dog" / "0000.png"
     stat = image.stat()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import re
 import subprocess
 import sys
@@ -33,7 +34,8 @@ def local_run(tmp_path_factory):
     """One training in a sqlite store, registered as `local-alexnet`."""
     folder = tmp_path_factory.mktemp("predict")
     run_id = trained(folder, "--register-as", "local-alexnet")
-    return folder, f"sqlite:///{folder}/mlflow.db", run_id
+    yield folder, f"sqlite:///{folder}/mlflow.db", run_id
+    shutil.rmtree(folder)  # 690 MB of checkpoints and model; see conftest.drop_new_server_artifacts
 
 
 def load(uri: str, tracking_uri: str):
