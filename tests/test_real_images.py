@@ -32,14 +32,15 @@ def extract_per_class(archive: Path, dest: Path, per_class: int) -> Path:
     return dest
 
 
-def test_learns_real_images_well_above_chance(tmp_path):
+def test_learns_real_images_well_above_chance(workdir):
+    """In-process, from the working folder: a new sqlite experiment keeps its artifacts in ./mlruns."""
     from alexnet_mlflow.job import train_and_track
 
-    root = extract_per_class(JPEG_ARCHIVE, tmp_path / "cifar10", per_class=400)  # 4,000 images
+    root = extract_per_class(JPEG_ARCHIVE, workdir / "cifar10", per_class=400)  # 4,000 images
     # About two minutes of a 2-core CPU in bf16: 3 epochs of 3,600 images. Dropout 0.5 and
     # lr 3e-4 learn faster than the report's 0.8 and 1e-4, which need many epochs to leave chance.
     config = TrainConfig(data_dir=str(root), epochs=3, lr=3e-4, dropout=0.5, precision="bf16", seed=0)
-    outcome = train_and_track(config, "real-images", f"sqlite:///{tmp_path}/mlflow.db")
+    outcome = train_and_track(config, "real-images", f"sqlite:///{workdir}/mlflow.db")
     val_acc = outcome.result.history[-1].val_acc
     # Chance is 0.10 on 10 balanced classes; 400 validation images put the standard error of an
     # accuracy near 0.3 at 0.023, so 0.2 is more than 4 standard errors above chance. On the
