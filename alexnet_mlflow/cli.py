@@ -196,9 +196,11 @@ def compare(
         help="Value that stands for a run: last, or min / max over its history.")] = "last",
     asc: Annotated[bool, typer.Option("--asc", help="Lowest first (default for losses and errors).")] = False,
     desc: Annotated[bool, typer.Option("--desc", help="Highest first (default for accuracies).")] = False,
-    experiment: Annotated[list[str], typer.Option(
-        envvar="MLFLOW_EXPERIMENT_NAME", help="Experiment(s) to read; repeat or separate with commas.",
-    )] = [DEFAULT_EXPERIMENT],  # noqa: B006 (typer copies it)
+    experiment: Annotated[Optional[list[str]], typer.Option(
+        envvar="MLFLOW_EXPERIMENT_NAME", show_default=compare_defaults.DEFAULT_SCOPE,
+        help="Experiment(s) to read; repeat or separate with commas. By default also the trainings that "
+             "`mlflow run` without --experiment-name put in MLflow's Default experiment.",
+    )] = None,
     filter: Annotated[str, typer.Option(help="MLflow search filter, e.g. \"params.lr = '0.0001'\".")] = "",
     where: Annotated[Optional[list[str]], typer.Option(
         help="PARAM=VALUE that must hold; repeat or separate with commas.")] = None,
@@ -263,7 +265,9 @@ def predict(
         help="Model URI: runs:/RUN_ID/model, models:/NAME/VERSION or models:/NAME@ALIAS.")] = None,
     best: Annotated[bool, typer.Option("--best", help="Use the model of the top run of compare by --metric.")] = False,
     metric: Annotated[str, typer.Option(help="With --best: the metric that ranks runs.")] = "val_loss",
-    experiment: Experiment = DEFAULT_EXPERIMENT,
+    experiment: Annotated[Optional[str], typer.Option(
+        envvar="MLFLOW_EXPERIMENT_NAME", show_default=compare_defaults.DEFAULT_SCOPE,
+        help="With --best: the experiment to rank, as in compare.")] = None,
     top: Annotated[int, typer.Option(help="Classes with their probabilities per image.")] = 3,
     format: Annotated[str, typer.Option(help="table, csv, markdown or json.")] = "table",
     output: Annotated[str, typer.Option(help="Write to this file instead of standard output.")] = "",
@@ -284,7 +288,8 @@ def predict(
         raise ConfigError(f"top={top} is invalid: expected an integer from 1 to 10")
     files = predicting.image_files(paths)
     if best:
-        ranked = comparing.ranked_runs(comparing.CompareQuery(metric=metric, experiments=(experiment,)), tracking_uri)
+        query = comparing.CompareQuery(metric=metric, experiments=(experiment,) if experiment else ())
+        ranked = comparing.ranked_runs(query, tracking_uri)
         model = f"runs:/{ranked[0].run.run_id}/model"
     loaded, classes = tracking.load_model(model, tracking_uri)
     _emit(predicting.prediction_table(predicting.predict(loaded, classes, files, top), model), format, output)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from alexnet_mlflow import tracking
+from alexnet_mlflow.config import fields
 from alexnet_mlflow.errors import ConfigError, UserError
 from alexnet_mlflow.tracking import RunRecord
 
@@ -23,6 +24,11 @@ STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "SCHEDULED")
 CURVE_RUNS = 10  # runs in an epoch table or plot when --top is not given
 # Higher is better for these; for everything else (losses, errors, seconds) lower is better.
 DESCENDING_WORDS = ("acc", "precision", "recall", "f1", "auc", "per_second", "throughput")
+# `mlflow run .` without --experiment-name puts its run in MLflow's own "Default" experiment, so
+# with no experiment named compare reads the package's experiment and this package's trainings
+# in Default: those runs that carry every training parameter.
+MLFLOW_DEFAULT_EXPERIMENT = "Default"
+DEFAULT_SCOPE = f"{tracking.DEFAULT_EXPERIMENT} + trainings in {MLFLOW_DEFAULT_EXPERIMENT}"
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,7 @@ class CompareQuery:
     metric: str = "val_loss"
     agg: str = "last"
     descending: bool | None = None  # None: from the metric's name
-    experiments: tuple[str, ...] = (tracking.DEFAULT_EXPERIMENT,)
+    experiments: tuple[str, ...] = ()  # (): DEFAULT_SCOPE
     filter: str = ""
     where: tuple[str, ...] = ()  # "param=value", all must hold
     status: str | None = "FINISHED"  # None: every status
@@ -106,12 +112,18 @@ def _quote(value: str) -> str:
 
 
 def find(query: CompareQuery, tracking_uri: str | None) -> list[RunRecord]:
-    runs = tracking.find_runs(tracking_uri, list(query.experiments), search_filter(query))
+    if query.experiments:
+        runs = tracking.find_runs(tracking_uri, list(query.experiments), search_filter(query))
+    else:
+        training_params = {f.name for f in fields()}
+        runs = [r for r in tracking.find_runs(tracking_uri, [tracking.DEFAULT_EXPERIMENT, MLFLOW_DEFAULT_EXPERIMENT],
+                                              search_filter(query), missing_ok=True)
+                if r.experiment == tracking.DEFAULT_EXPERIMENT or training_params <= r.params.keys()]
     # `mlflow run -e compare` makes a run of its own; it is not a training to rank.
     runs = [r for r in runs if r.entry_point != "compare"]
     if not runs:
         hint = "; --all includes every status" if query.status else ""
-        raise UserError(f"no runs match in experiment(s) {', '.join(query.experiments)} "
+        raise UserError(f"no runs match in experiment(s) {', '.join(query.experiments) or DEFAULT_SCOPE} "
                         f"(filter: {search_filter(query) or 'none'}){hint}")
     return runs
 
@@ -165,7 +177,7 @@ def ranked_runs(query: CompareQuery, tracking_uri: str | None) -> list[Ranked]:
 def ranking_table(query: CompareQuery, ranked: Sequence[Ranked], now_ms: int | None = None) -> Table:
     ranked = ranked[: query.top] if query.top else ranked
     metrics = [m for m in (query.metrics or HEADLINE_METRICS) if m != query.metric or query.agg != "last"]
-    several = len(query.experiments) > 1
+    several = len({r.run.experiment for r in ranked}) > 1
     columns = ("rank", "run", "run_id", *(("experiment",) if several else ()), "status", "dataset",
                *query.params, query.metric_column, *metrics, "duration_s")
     now_ms = now_ms or int(time.time() * 1000)

@@ -527,23 +527,32 @@ class RunRecord:
         return self.tags.get("mlflow.project.entryPoint")
 
 
-def find_runs(tracking_uri: str | None, experiments: list[str], filter_string: str = "") -> list[RunRecord]:
-    """Every run of the named experiments that matches the MLflow search filter, all pages."""
+def find_runs(tracking_uri: str | None, experiments: list[str], filter_string: str = "",
+              missing_ok: bool = False) -> list[RunRecord]:
+    """Every run of the named experiments that matches the MLflow search filter, all pages.
+    A missing experiment is an error, or with missing_ok skipped unless all are missing."""
     check_tracking_uri(tracking_uri)
     reader = _reader(tracking_uri)
     names = {}
     for name in experiments:
         experiment_id = reader.experiment_id(name)
-        if experiment_id is None:
-            known = ", ".join(sorted(reader.experiment_names())) or "none"
-            raise TrackingError(f"experiment {name!r} not found at {redact_uri(tracking_uri)}; experiments there: {known}")
-        names[experiment_id] = name
+        if experiment_id is None and not missing_ok:
+            raise _experiment_not_found(reader, name, tracking_uri)
+        if experiment_id is not None:
+            names[experiment_id] = name
+    if not names:
+        raise _experiment_not_found(reader, experiments[0], tracking_uri)
     records, token = [], None
     while True:
         page, token = reader.search(list(names), filter_string, token)
         records += [replace(record, experiment=names[record.experiment]) for record in page]
         if not token:
             return records
+
+
+def _experiment_not_found(reader, name: str, tracking_uri: str | None) -> TrackingError:
+    known = ", ".join(sorted(reader.experiment_names())) or "none"
+    return TrackingError(f"experiment {name!r} not found at {redact_uri(tracking_uri)}; experiments there: {known}")
 
 
 def metric_histories(tracking_uri: str | None, run_ids: list[str], metric: str) -> dict[str, list[tuple[int, float]]]:

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from alexnet_mlflow import compare
 from alexnet_mlflow.cli import app
 from alexnet_mlflow.compare import CompareQuery
+from alexnet_mlflow.config import TrainConfig
+from alexnet_mlflow.tracking import DEFAULT_EXPERIMENT
 from conftest import free_port, run_cli
 
 runner = CliRunner()
@@ -143,6 +145,27 @@ def test_across_experiments_adds_an_experiment_column(sqlite_store):
     assert names(json.loads(only_other.stdout)) == ["elsewhere"] and "experiment" not in only_other.stdout
     rows = invoke_json(uri, "--experiment", "other", "--top", "2")  # --experiment known, other
     assert [(r["run"], r["experiment"]) for r in rows] == [("elsewhere", "other"), ("f", EXPERIMENT)]
+
+
+def test_with_no_experiment_named_the_trainings_of_mlflow_run_in_default_count_too(tmp_path, monkeypatch):
+    """`mlflow run .` without --experiment-name trains into MLflow's Default experiment; compare
+    finds those runs (every training param logged), not other runs there, and not when an
+    experiment is named."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    training = [Param(k, v) for k, v in TrainConfig().as_params().items()]
+    for name, experiment, params, loss in (("projected", "0", training, 0.4), ("foreign", "0", training[:3], 0.1),
+                                           ("trained", client.create_experiment(DEFAULT_EXPERIMENT), training, 0.6)):
+        run = client.create_run(experiment, run_name=name)
+        client.log_batch(run.info.run_id, params=params, metrics=[Metric("val_loss", loss, 0, 1)])
+        client.set_terminated(run.info.run_id)
+    result = runner.invoke(app, ["compare", "--tracking-uri", uri, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [(r["run"], r["experiment"]) for r in json.loads(result.stdout)] == \
+        [("projected", "Default"), ("trained", DEFAULT_EXPERIMENT)]
+    named = runner.invoke(app, ["compare", "--tracking-uri", uri, "--experiment", DEFAULT_EXPERIMENT, "--format", "json"])
+    assert names(json.loads(named.stdout)) == ["trained"]
 
 
 def test_columns_are_chosen_and_missing_values_do_not_crash(sqlite_store):

@@ -1,6 +1,8 @@
 """MLproject and conda.yaml against TrainConfig and setup.cfg, and a real `mlflow run`."""
 
 import configparser
+import json
+import re
 import shlex
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import yaml
 from mlflow import MlflowClient
 
 from alexnet_mlflow.config import fields, format_param
-from conftest import REPO, assert_complete_run, cli_env
+from conftest import REPO, assert_complete_run, cli_env, run_cli
 
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
 
@@ -58,23 +60,30 @@ def test_conda_env_lists_the_setup_cfg_dependencies():
 
 
 def test_mlflow_run_end_to_end_against_a_server(workdir, mlflow_server):
+    """As users type it: no --experiment-name, so MLflow puts the run in its Default experiment,
+    and `compare` with no experiment named ranks it."""
     result = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name", "project",
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
          "-P", "dataset=synthetic", "-P", "epochs=1", "-P", "activation=relu", "-P", "dropout=0.8",
          "-P", "batch_norm=true"],
         cwd=workdir, env=cli_env(MLFLOW_TRACKING_URI=mlflow_server), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "FINISHED in experiment 'project'" in result.stdout
+    assert "FINISHED in experiment 'Default'" in result.stdout
+    run_id = re.search(r"Run \(ID '([0-9a-f]{32})'\) succeeded", result.stderr).group(1)
     client = MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("project").experiment_id])
-    assert len(runs) == 1  # the project's own run, not a second one
+    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id],
+                              "tags.`mlflow.source.type` = 'PROJECT'")
+    assert [r.info.run_id for r in runs] == [run_id]  # the project's own run, not a second one
     run = runs[0]
     assert run.info.run_name == "relu-lr1e-4-bs64-do0.8"
     assert run.data.tags["mlflow.source.type"] == "PROJECT"
     assert_complete_run(mlflow_server, run.info.run_id, epochs=1, params={
         "epochs": "1", "dataset": "synthetic", "batch_norm": "true", "lr": "0.0001", "dropout": "0.8"})
     assert set(run.data.params) == {f.name for f in fields()}
+    ranked = run_cli("compare", "--tracking-uri", mlflow_server, "--format", "json", cwd=workdir, timeout=120)
+    assert ranked.returncode == 0, ranked.stderr
+    assert run_id in [row["run_id"] for row in json.loads(ranked.stdout)]
 
 
 def cli_options(command_name: str) -> dict[str, object]:
@@ -116,7 +125,6 @@ def test_mlflow_run_compare_entry_point(workdir, mlflow_server):
         cwd=workdir, env=cli_env(MLFLOW_TRACKING_URI=mlflow_server), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    import json
 
     assert [row["run"] for row in json.loads(out.read_text())] == ["better", "worse"]
 
