@@ -11,6 +11,7 @@ import json
 import os
 import platform
 from pathlib import Path
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -420,11 +421,14 @@ def load_model(model_uri: str, tracking_uri: str | None):
     check_tracking_uri(tracking_uri)
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)  # runs:/ and models:/ resolve against it
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except (MlflowException, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(f"model {model_uri!r} cannot be loaded ({reason[:200]}): pass {MODEL_URI_FORMS}") from None
+    # Without dst_path MLflow downloads the model (137 MB) into a new temporary folder on every load
+    # and never removes it; the pytorch flavour holds the weights in memory once loaded.
+    with tempfile.TemporaryDirectory(prefix="alexnet-mlflow-model-") as folder:
+        try:
+            model = mlflow.pyfunc.load_model(model_uri, dst_path=folder)
+        except (MlflowException, OSError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrackingError(f"model {model_uri!r} cannot be loaded ({reason[:200]}): pass {MODEL_URI_FORMS}") from None
     classes = (model.metadata.metadata or {}).get("classes") or list(CIFAR10_CLASSES)
     return model, classes
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -219,8 +220,9 @@ def assert_complete_run(tracking_uri: str, run_id: str, epochs: int, params: dic
     # The logged model takes raw uint8 images and carries the training's normalisation.
     previous_uri = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)  # runs:/ URIs resolve against the global URI
-    try:
-        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    try:  # dst_path: MLflow's default temporary copy (137 MB) is never removed
+        with tempfile.TemporaryDirectory() as folder:
+            model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model", dst_path=folder)
     finally:
         mlflow.set_tracking_uri(previous_uri)
     test = data.synthetic(int(run.data.params["seed"]))

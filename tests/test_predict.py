@@ -7,6 +7,7 @@ import shutil
 import re
 import subprocess
 import sys
+import tempfile
 import urllib.request
 
 import mlflow
@@ -41,8 +42,9 @@ def local_run(tmp_path_factory):
 def load(uri: str, tracking_uri: str):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
-    try:
-        return mlflow.pyfunc.load_model(uri)
+    try:  # dst_path: MLflow's default temporary copy (137 MB) is never removed
+        with tempfile.TemporaryDirectory() as folder:
+            return mlflow.pyfunc.load_model(uri, dst_path=folder)
     finally:
         mlflow.set_tracking_uri(previous)
 
@@ -91,13 +93,15 @@ def test_predict_errors_are_one_line(local_run, args, words):
     assert len(errors) == 1 and words in errors[0] and "Traceback" not in result.stderr, result.stderr
 
 
-def test_served_model_answers_a_batch_of_images(local_run):
+def test_served_model_answers_a_batch_of_images(local_run, tmp_path):
     folder, tracking_uri, run_id = local_run
     port = free_port()
+    # TMPDIR: the server downloads the model (137 MB) to a temporary folder it never removes.
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model", "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port)],
-        cwd=folder, env=cli_env(MLFLOW_TRACKING_URI=tracking_uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=folder, env=cli_env(MLFLOW_TRACKING_URI=tracking_uri, TMPDIR=str(tmp_path)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         def ping() -> bool:
