@@ -38,8 +38,15 @@ def redact_uri(uri: str | None) -> str:
 
 
 def check_tracking_uri(uri: str | None) -> None:
-    """Fail in seconds, not minutes, when an HTTP tracking server does not answer."""
-    if not uri or not uri.startswith(("http://", "https://")):
+    """Fail in seconds, not minutes, when an HTTP tracking server does not answer; make a new
+    sqlite store's tables before anything else uses it."""
+    if not uri:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    if uri.startswith("sqlite:"):
+        create_sqlite_store_once(uri)
+    if not uri.startswith(("http://", "https://")):
         return  # a local store (sqlite, folder) needs no server
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):
@@ -54,6 +61,33 @@ def check_tracking_uri(uri: str | None) -> None:
             f"`mlflow server --host 127.0.0.1 --port 5000`, or pass another --tracking-uri"
         ) from None
     _check_credentials(uri)
+
+
+def create_sqlite_store_once(uri: str) -> None:
+    """Open a sqlite store, one process at a time. MLflow makes a new store's tables by running
+    its migrations; two processes doing it at once both fail (`table _alembic_tmp_tags already
+    exists`, or alembic's `expected to match one row`): 10 of 10 tries with two processes
+    opening one new store together, as when two trainings start in a fresh folder. Under an
+    exclusive lock on the store's folder, the first makes the tables and the next finds them made.
+    `mlflow run` opens the store itself before our code runs: there, start the first run alone."""
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock: there, start the first training alone
+        return
+    import mlflow
+
+    database = urllib.parse.urlsplit(uri).path[1:]  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
+    if not database or database == ":memory:":
+        return
+    folder_path = os.path.dirname(os.path.abspath(database))
+    if not os.path.isdir(folder_path):
+        return  # nothing to race for: MLflow's own error names the path
+    folder = os.open(folder_path, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # makes the tables if absent
+    finally:
+        os.close(folder)  # and with it the lock
 
 
 def _check_credentials(uri: str) -> None:

@@ -32,13 +32,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Poll predicate until it returns something truthy, or fail after timeout seconds."""
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2, process: subprocess.Popen | None = None):
+    """Poll predicate until it returns something truthy, or fail after timeout seconds; with a
+    process, fail as soon as it exits first, with its stderr (not minutes later, blind)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
+        if process is not None and process.poll() is not None:
+            try:
+                _, stderr = process.communicate(timeout=10)  # bounded: a child may still hold the pipe
+            except subprocess.TimeoutExpired:
+                stderr = None
+            raise AssertionError(f"the process exited ({process.returncode}) before {what}: {(stderr or '')[-3000:]}")
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
@@ -132,6 +139,16 @@ def drop_new_server_artifacts(request):
     yield
     for folder in _artifact_folders(root) - before:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Path:
+    """pytest's tmp_path, one level down under a random name. With retention "failed", a passed
+    test's folder is removed at once, and the next test of the same name (a parametrization)
+    gets the same path again. MLflow keeps one open engine per sqlite URI for the life of the
+    process, so that test wrote through a stale connection to the deleted file: "attempt to
+    write a readonly database" (test_an_exception_or_interrupt_ends_the_run, run with -n 0)."""
+    return Path(tempfile.mkdtemp(dir=tmp_path, prefix="t"))
 
 
 @pytest.fixture

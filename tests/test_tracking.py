@@ -1,5 +1,6 @@
 import signal
 import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -60,22 +61,20 @@ def test_an_exception_or_interrupt_ends_the_run(workdir, error, status):
 
 def test_ctrl_c_during_training_marks_the_run_killed(workdir):
     """A real SIGINT to a real training process, once its first epoch is logged."""
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    client.search_experiments()  # make the store's tables now: opening a new store from two processes at once fails
     process = subprocess.Popen(
         ["alexnet-mlflow", "train", "--dataset", "synthetic", "--epochs", "50", "--batch-size", "256", "--quiet"],
         cwd=workdir, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-
         def first_epoch_logged():
-            try:
-                experiment = client.get_experiment_by_name("alexnet-cifar10")
-                runs = client.search_runs([experiment.experiment_id]) if experiment else []
-            except Exception:  # the store is being created
-                return None
+            experiment = client.get_experiment_by_name("alexnet-cifar10")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
             return runs and "val_loss" in runs[0].data.metrics and runs[0]
 
-        run = wait_until(first_epoch_logged, 300, "the first epoch's metrics")  # ~15 s alone, more beside other tests
+        # ~15 s alone, more beside other tests
+        run = wait_until(first_epoch_logged, 300, "the first epoch's metrics", process=process)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -84,6 +83,36 @@ def test_ctrl_c_during_training_marks_the_run_killed(workdir):
     assert "Traceback" not in stderr and "interrupted" in stderr
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")][0] == 1
+
+
+STORE_OPENER = """
+import sys, time
+from pathlib import Path
+from mlflow import MlflowClient
+from alexnet_mlflow.tracking import check_tracking_uri, experiment_id_for
+uri, go = sys.argv[1], Path(sys.argv[2])
+Path(sys.argv[3]).touch()  # imported: ready
+while not go.exists():  # all open the new store at the same moment
+    time.sleep(0.01)
+check_tracking_uri(uri)
+print(experiment_id_for(MlflowClient(uri), "fresh"))
+"""
+
+
+def test_trainings_starting_together_in_a_fresh_folder_make_one_sqlite_store(workdir):
+    """Three processes open one new sqlite store at the same moment, as trainings started together
+    in a fresh folder do. MLflow's table creation is not safe to run twice at once (without the
+    lock, 10 of 10 tries failed with two processes); all three must get the same experiment."""
+    uri, go = f"sqlite:///{workdir}/mlflow.db", workdir / "go"
+    ready = [workdir / f"ready-{i}" for i in range(3)]
+    openers = [subprocess.Popen([sys.executable, "-c", STORE_OPENER, uri, str(go), str(flag)], env=cli_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for flag in ready]
+    for opener, flag in zip(openers, ready):
+        wait_until(flag.exists, 120, "the openers to import mlflow", process=opener)
+    go.touch()
+    outputs = [p.communicate(timeout=120) for p in openers]
+    assert [p.returncode for p in openers] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    assert len({out.strip() for out, _ in outputs}) == 1
 
 
 def test_processes_starting_together_share_one_experiment(mlflow_server):
@@ -116,9 +145,11 @@ def test_unreachable_server_fails_fast_with_the_fix():
         check_tracking_uri(uri)
 
 
-def test_local_stores_need_no_server():
-    check_tracking_uri(None)
-    check_tracking_uri("sqlite:///mlflow.db")
+def test_local_stores_need_no_server_and_a_new_sqlite_store_gets_its_tables(workdir):
+    check_tracking_uri(None)  # MLflow's default: sqlite:///mlflow.db in the working folder
+    assert MlflowClient("sqlite:///mlflow.db").get_experiment_by_name("Default") is not None
+    check_tracking_uri(f"sqlite:///{workdir}/other.db")
+    assert (workdir / "other.db").stat().st_size > 0
 
 
 def test_passwords_are_redacted():
