@@ -38,15 +38,8 @@ def redact_uri(uri: str | None) -> str:
 
 
 def check_tracking_uri(uri: str | None) -> None:
-    """Fail in seconds, not minutes, when an HTTP tracking server does not answer; make a new
-    sqlite store's tables before anything else uses it."""
-    if not uri:
-        import mlflow
-
-        uri = mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    if uri.startswith("sqlite:"):
-        create_sqlite_store_once(uri)
-    if not uri.startswith(("http://", "https://")):
+    """Fail in seconds, not minutes, when an HTTP tracking server does not answer."""
+    if not uri or not uri.startswith(("http://", "https://")):
         return  # a local store (sqlite, folder) needs no server
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S):
@@ -63,8 +56,8 @@ def check_tracking_uri(uri: str | None) -> None:
     _check_credentials(uri)
 
 
-def create_sqlite_store_once(uri: str) -> None:
-    """Open a sqlite store, one process at a time. MLflow makes a new store's tables by running
+def create_sqlite_store_once(uri: str | None) -> None:
+    """Open a sqlite store (a run is about to be written to it), one process at a time. MLflow makes a new store's tables by running
     its migrations; two processes doing it at once both fail (`table _alembic_tmp_tags already
     exists`, or alembic's `expected to match one row`): 10 of 10 tries with two processes
     opening one new store together, as when two trainings start in a fresh folder. Under an
@@ -76,6 +69,9 @@ def create_sqlite_store_once(uri: str) -> None:
         return
     import mlflow
 
+    uri = uri or mlflow.get_tracking_uri()  # MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    if not uri.startswith("sqlite:"):
+        return
     database = urllib.parse.urlsplit(uri).path[1:]  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
     if not database or database == ":memory:":
         return
@@ -168,6 +164,7 @@ class TrackedRun:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         if self.tracking_uri:
             mlflow.set_tracking_uri(self.tracking_uri)
+        create_sqlite_store_once(self.tracking_uri)
         project_run_id = os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`
         if self.resume_run_id:
             run = mlflow.start_run(run_id=self.resume_run_id)
@@ -490,6 +487,7 @@ def open_sweep_parent(tracking_uri: str | None, experiment: str, previous_run_id
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    create_sqlite_store_once(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     run = None
     if previous_run_id:

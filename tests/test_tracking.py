@@ -10,7 +10,8 @@ from mlflow import MlflowClient
 
 from alexnet_mlflow.config import TrainConfig
 from alexnet_mlflow.errors import TrackingError
-from alexnet_mlflow.tracking import TrackedRun, check_tracking_uri, experiment_id_for, redact_uri
+from alexnet_mlflow.tracking import (TrackedRun, check_tracking_uri, create_sqlite_store_once, experiment_id_for,
+                                     redact_uri)
 from conftest import assert_complete_run, cli_env, free_port, run_cli, wait_until
 
 SYNTHETIC_2 = {"dataset": "synthetic", "epochs": "2", "activation": "relu", "lr": "0.0001", "batch_size": "256",
@@ -89,18 +90,20 @@ STORE_OPENER = """
 import sys, time
 from pathlib import Path
 from mlflow import MlflowClient
-from alexnet_mlflow.tracking import check_tracking_uri, experiment_id_for
+from alexnet_mlflow.config import TrainConfig
+from alexnet_mlflow.tracking import TrackedRun
 uri, go = sys.argv[1], Path(sys.argv[2])
 Path(sys.argv[3]).touch()  # imported: ready
-while not go.exists():  # all open the new store at the same moment
+while not go.exists():  # all start their run at the same moment
     time.sleep(0.01)
-check_tracking_uri(uri)
-print(experiment_id_for(MlflowClient(uri), "fresh"))
+with TrackedRun(TrainConfig(dataset="synthetic"), "fresh", uri) as run:
+    pass
+print(MlflowClient(uri).get_run(run.run_id).info.experiment_id)
 """
 
 
 def test_trainings_starting_together_in_a_fresh_folder_make_one_sqlite_store(workdir):
-    """Three processes open one new sqlite store at the same moment, as trainings started together
+    """Three runs start in one new sqlite store at the same moment, as trainings started together
     in a fresh folder do. MLflow's table creation is not safe to run twice at once (without the
     lock, 10 of 10 tries failed with two processes); all three must get the same experiment."""
     uri, go = f"sqlite:///{workdir}/mlflow.db", workdir / "go"
@@ -145,11 +148,17 @@ def test_unreachable_server_fails_fast_with_the_fix():
         check_tracking_uri(uri)
 
 
-def test_local_stores_need_no_server_and_a_new_sqlite_store_gets_its_tables(workdir):
-    check_tracking_uri(None)  # MLflow's default: sqlite:///mlflow.db in the working folder
+def test_local_stores_need_no_server(workdir):
+    check_tracking_uri(None)
+    check_tracking_uri("sqlite:///mlflow.db")
+    assert not (workdir / "mlflow.db").exists()  # checking writes nothing (dry runs, bad data)
+
+
+def test_a_new_sqlite_store_gets_its_tables(workdir):
+    create_sqlite_store_once(None)  # MLflow's default: sqlite:///mlflow.db in the working folder
     assert MlflowClient("sqlite:///mlflow.db").get_experiment_by_name("Default") is not None
-    check_tracking_uri(f"sqlite:///{workdir}/other.db")
-    assert (workdir / "other.db").stat().st_size > 0
+    create_sqlite_store_once(f"sqlite:///{workdir}/other.db")
+    assert MlflowClient(f"sqlite:///{workdir}/other.db").get_experiment_by_name("Default") is not None
 
 
 def test_passwords_are_redacted():
