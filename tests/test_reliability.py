@@ -49,7 +49,8 @@ def test_server_outage_mid_training_loses_nothing(workdir):
     url = server.start()
     process = start_training("--epochs", "5", "--experiment", "outage", "--tracking-uri", url, *QUICK, cwd=workdir)
     try:
-        run = wait_until(lambda: run_with_epoch(MlflowClient(url), "outage", 1), 180, "epoch 1 on the server")
+        run = wait_until(lambda: run_with_epoch(MlflowClient(url), "outage", 1), 180, "epoch 1 on the server",
+                         process=process)
         server.stop(kill=True)
         entries = journal_root() / run.info.run_id / "entries.jsonl"
 
@@ -57,7 +58,7 @@ def test_server_outage_mid_training_loses_nothing(workdir):
             lines = entries.read_text().splitlines() if entries.exists() else []
             return any(json.loads(line).get("step") == 2 for line in lines)
 
-        wait_until(journaled_epoch_2, 120, "epoch 2 in the journal while the server is down")
+        wait_until(journaled_epoch_2, 120, "epoch 2 in the journal while the server is down", process=process)
         server.start()
         out, err = process.communicate(timeout=600)
     finally:
@@ -80,7 +81,8 @@ def test_what_the_server_missed_is_sent_later_by_sync(workdir):
     process = start_training("--epochs", "2", "--sync-timeout", "0", "--experiment", "later", "--tracking-uri", url,
                              *QUICK, cwd=workdir)
     try:
-        run = wait_until(lambda: run_with_epoch(MlflowClient(url), "later", 1), 180, "epoch 1 on the server")
+        run = wait_until(lambda: run_with_epoch(MlflowClient(url), "later", 1), 180, "epoch 1 on the server",
+                         process=process)
         server.stop(kill=True)
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err[-3000:]
@@ -107,7 +109,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(workdir, mlf
     process = start_training("--epochs", "2", "--experiment", "resumed", "--tracking-uri", mlflow_server, *QUICK,
                              cwd=workdir)
     try:
-        run = wait_until(lambda: run_with_epoch(client, "resumed", 1), 180, "epoch 1 on the server")
+        run = wait_until(lambda: run_with_epoch(client, "resumed", 1), 180, "epoch 1 on the server", process=process)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # during epoch 2: no handler runs
         process.communicate(timeout=30)
@@ -140,7 +142,7 @@ def test_signal_ends_the_run_killed_with_its_checkpoint(workdir, mlflow_server, 
     process = start_training("--epochs", "3", "--experiment", experiment, "--tracking-uri", mlflow_server,
                              *QUICK, cwd=workdir)
     try:
-        run = wait_until(lambda: run_with_epoch(client, experiment, 1), 180, "epoch 1 on the server")
+        run = wait_until(lambda: run_with_epoch(client, experiment, 1), 180, "epoch 1 on the server", process=process)
         os.killpg(process.pid, sig)
         _, err = process.communicate(timeout=120)
     finally:

@@ -110,7 +110,7 @@ def test_a_killed_worker_s_trial_is_rerun_by_the_next_sweep(workdir, mlflow_serv
         return next((r for r in runs if "dataset" in r.data.tags), None)  # started, in its first epoch
 
     try:
-        victim = wait_until(training_child, 180, "the first trial to start training")
+        victim = wait_until(training_child, 180, "the first trial to start training", process=process)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the sweep and its worker, mid-trial, no cleanup
         process.wait(timeout=30)
