@@ -57,12 +57,14 @@ def check_tracking_uri(uri: str | None) -> None:
 
 
 def create_sqlite_store_once(uri: str | None) -> None:
-    """Open a sqlite store (a run is about to be written to it), one process at a time. MLflow makes a new store's tables by running
-    its migrations; two processes doing it at once both fail (`table _alembic_tmp_tags already
-    exists`, or alembic's `expected to match one row`): 10 of 10 tries with two processes
-    opening one new store together, as when two trainings start in a fresh folder. Under an
-    exclusive lock on the store's folder, the first makes the tables and the next finds them made.
-    `mlflow run` opens the store itself before our code runs: there, start the first run alone."""
+    """Open a sqlite store that a run is about to be written to, one process at a time.
+
+    MLflow makes a new store's tables by running its migrations; two processes doing it at once
+    fail (`table _alembic_tmp_tags already exists`, `duplicate column name: step`): 10 of 10
+    tries with two processes opening one new store together, as when two trainings start in a
+    fresh folder. Under an exclusive lock on the store's folder, the first makes the tables and
+    the next finds them made. `mlflow run` opens the store itself before our code runs: there,
+    start the first run alone."""
     try:
         import fcntl
     except ImportError:  # Windows has no flock: there, start the first training alone
